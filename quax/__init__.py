@@ -1,0 +1,17 @@
+"""quax: custom array-ish types that flow through unmodified JAX programs."""
+
+import importlib.metadata
+
+from . import handlers as handlers  # registers the higher-order primitive handlers
+from ._dispatch import candidates as candidates
+from ._errors import (
+    HandlerResultError as HandlerResultError,
+    NoHandlerError as NoHandlerError,
+    QuaxError as QuaxError,
+    QuaxifyTypeError as QuaxifyTypeError,
+)
+from ._quaxify import quaxify as quaxify
+from ._values import ArrayValue as ArrayValue, Value as Value, handler_name as handler_name
+
+
+__version__ = importlib.metadata.version("quax")

@@ -1,0 +1,180 @@
+"""`quaxify`: partition the inputs, trace to a jaxpr, walk it, rebuild the outputs."""
+
+import functools as ft
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
+from ._values import Value, is_value
+from ._walker import TraceCache, walk_closed
+
+
+_T = TypeVar("_T")
+
+#: Traces of quaxified functions, shared by every `quaxify` wrapper.
+TRACES = TraceCache()
+
+_CONCRETE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.NonConcreteBooleanIndexError,
+)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+class _Quaxify(eqx.Module, Generic[_T]):
+    fn: _T
+    filter_spec: Any = eqx.field(static=True)
+
+    @property
+    def __wrapped__(self) -> _T:
+        return self.fn
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        return eqx.Partial(self, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tree = (self.fn, args, kwargs)
+        dynamic, passthrough = eqx.partition(tree, self.filter_spec, is_leaf=is_value)
+        leaves, treedef = jtu.tree_flatten(dynamic, is_leaf=is_value)
+        if not any(isinstance(x, Value) for x in leaves):
+            return self.fn(*args, **kwargs)  # nothing to dispatch on: the original
+        return _call(leaves, treedef, passthrough)
+
+
+def _call(leaves: list[Any], treedef: Any, passthrough: Any) -> Any:
+    positions = [i for i, x in enumerate(leaves) if is_value(x) or _is_array(x)]
+    inputs = [leaves[i] for i in positions]
+    avals = [x.aval() if is_value(x) else jax.typeof(x) for x in inputs]
+    key = _trace_key(leaves, treedef, passthrough, positions, avals)
+    entry = TRACES.get(key)
+    if entry is None:
+        entry, cacheable = _trace(leaves, treedef, passthrough, positions, avals)
+        if cacheable:
+            TRACES.put(key, *entry)
+    closed_jaxpr, (keep, out_treedef, out_leaves, out_positions) = entry
+    outvals = walk_closed(closed_jaxpr, [inputs[k] for k in keep])
+    out_leaves = list(out_leaves)
+    for i, val in zip(out_positions, outvals, strict=True):
+        out_leaves[i] = _as_output(val)
+    return jtu.tree_unflatten(out_treedef, out_leaves)
+
+
+def _trace(leaves, treedef, passthrough, positions, avals):
+    """Trace with every value and array abstract; if the function needs a concrete
+    plain array (eager mode only), trace again with the plain arrays closed over.
+
+    Returns `((closed_jaxpr, meta), cacheable)`; `meta[0]` lists which of the dynamic
+    inputs the jaxpr takes.
+    """
+    specs = [_spec(a) for a in avals]
+    try:
+        closed, meta = _make_jaxpr(leaves, treedef, passthrough, positions, specs)
+        return (closed, (tuple(range(len(positions))), *meta)), True
+    except _CONCRETE_ERRORS:
+        if any(isinstance(leaves[i], jax.core.Tracer) for i in positions):
+            raise
+    # Eager retry: plain arrays stay concrete, as in plain JAX. Never cached: the
+    # trace depends on their values.
+    keep = tuple(k for k, i in enumerate(positions) if is_value(leaves[i]))
+    with jax.ensure_compile_time_eval():
+        closed, meta = _make_jaxpr(
+            leaves, treedef, passthrough, [positions[k] for k in keep],
+            [specs[k] for k in keep],
+        )
+    return (closed, (keep, *meta)), False
+
+
+def _make_jaxpr(leaves, treedef, passthrough, positions, specs):
+    box: list[Any] = []
+
+    def flat_fn(*dyn):
+        new_leaves = list(leaves)
+        for i, x in zip(positions, dyn, strict=True):
+            new_leaves[i] = x
+        fn, args, kwargs = eqx.combine(
+            jtu.tree_unflatten(treedef, new_leaves), passthrough, is_leaf=is_value
+        )
+        out = fn(*args, **kwargs)
+        out_leaves, out_treedef = jtu.tree_flatten(out)
+        out_positions = [i for i, x in enumerate(out_leaves) if eqx.is_array(x)]
+        static = [None if eqx.is_array(x) else x for x in out_leaves]
+        box.append((out_treedef, tuple(static), tuple(out_positions)))
+        return [out_leaves[i] for i in out_positions]
+
+    closed = jax.make_jaxpr(flat_fn)(*specs)
+    return closed, box[0]
+
+
+def _spec(aval: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
+    """Everything the traced program depends on, or None if it cannot be keyed."""
+    pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
+    if any(is_value(x) or _is_array(x) for x in pass_leaves):
+        return None  # values passed through are closed over: never reused
+    dynamic = set(positions)
+    parts: list[Any] = []
+    for i, x in enumerate(leaves):
+        if i not in dynamic:
+            parts.append(("static", x))
+    for x, aval in zip((leaves[i] for i in positions), avals, strict=True):
+        if is_value(x):
+            vleaves, vtreedef = jtu.tree_flatten(x)
+            parts.append((vtreedef, tuple(_aval_key(jax.typeof(v)) for v in vleaves)))
+        else:
+            parts.append(_aval_key(aval))
+    key = (treedef, tuple(parts), pass_treedef, tuple(pass_leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _aval_key(aval: Any) -> Any:
+    return (aval.shape, aval.dtype, aval.weak_type)
+
+
+def _as_output(x: Any) -> Any:
+    # Literal outputs and numpy constants come back as JAX arrays, as from plain JAX.
+    if isinstance(x, np.ndarray | np.generic):
+        return jax.numpy.asarray(x)
+    return x
+
+
+def quaxify(fn: Callable[..., Any], filter_spec: Any = True) -> Callable[..., Any]:
+    """Make `fn` accept array-ish values (`quax.ArrayValue`s) wherever it accepts arrays.
+
+    `fn` is traced to a jaxpr with each value replaced by its `aval()`, and the jaxpr
+    is walked: every primitive that touches a value is handed to that value's class
+    (see the README's protocol table); everything else runs as plain JAX.
+
+    **Arguments:**
+
+    - `fn`: any callable: a function, a bound method or an equinox Module.
+    - `filter_spec`: a prefix of `(fn, args, kwargs)` of bools (or callables returning
+      bools), as in `eqx.partition`. Values at `False` positions are passed through to
+      `fn` untouched (for a nested `quaxify` to handle).
+
+    **Returns:**
+
+    A callable (an equinox Module) with the same signature as `fn`. Values returned by
+    `fn` come back as values of the same types. It also works as a method decorator.
+    """
+    if not callable(fn):
+        raise QuaxifyTypeError(_MSG_NOT_CALLABLE.format(got=fn, type=type(fn).__name__))
+    return _Quaxify(fn, filter_spec)

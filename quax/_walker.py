@@ -1,0 +1,199 @@
+"""The jaxpr walker: evaluate a jaxpr whose inputs may be values.
+
+Each equation with no value operand is bound unchanged (the fast path); a higher-order
+primitive goes to its handler in `quax/handlers/` (found in `HIGHER_ORDER`, keyed by the
+Primitive object); anything else goes through the dispatch protocol of `_dispatch`.
+Like `jax.core.eval_jaxpr`, every equation runs inside its own source info, name stack
+and context manager, strictly in order, and dead variables are freed after last use.
+"""
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jexc
+import jax.extend.source_info_util as source_info_util
+
+from ._dispatch import (
+    check_results,
+    handler_operands,
+    materialise_all,
+    try_defaults,
+    try_handlers,
+)
+from ._values import Value
+
+
+HigherOrderHandler = Callable[[Any, list[Any]], list[Any]]
+
+#: Higher-order primitives, keyed by Primitive object: their handler recurses into the
+#: sub-jaxprs with `walk`. Filled by the modules of `quax/handlers/` as they import.
+HIGHER_ORDER: dict[jexc.Primitive, HigherOrderHandler] = {}
+
+
+def register(*prims: jexc.Primitive | None) -> Callable[[HigherOrderHandler], Any]:
+    """Decorator: `fn(eqn, invals) -> outvals` handles `prims` when a value reaches
+    them. `None` entries (primitives missing from this JAX version) are skipped."""
+
+    def decorator(fn: HigherOrderHandler) -> HigherOrderHandler:
+        for prim in prims:
+            if prim is not None:
+                HIGHER_ORDER[prim] = fn
+        return fn
+
+    return decorator
+
+
+@contextlib.contextmanager
+def eqn_context(eqn: Any) -> Iterator[None]:
+    """The user's line, name stack and context of `eqn`, as `eval_jaxpr` sets them."""
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (
+        source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+        eqn.ctx.manager,
+    ):
+        yield
+
+
+def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list:
+    """Bind `eqn`'s primitive on `invals` as `eval_jaxpr` would; always a list."""
+    prim = eqn.primitive
+    if params is None:
+        params = prim.get_bind_params(eqn.params)
+    with eqn_context(eqn):
+        out = prim.bind(*invals, **params)
+    return list(out) if prim.multiple_results else [out]
+
+
+def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
+    """Run one equation with at least one value operand (dispatch protocol)."""
+    prim = eqn.primitive
+    with eqn_context(eqn):
+        operands = handler_operands(eqn, invals)
+        found = try_handlers(eqn, operands, eqn.params)
+        if found is NotImplemented and prim in HIGHER_ORDER:
+            return HIGHER_ORDER[prim](eqn, invals)
+        if found is NotImplemented:
+            bind_params = prim.get_bind_params(eqn.params)
+            found = try_defaults(eqn, operands, bind_params)
+        if found is NotImplemented:
+            return bind(eqn, materialise_all(eqn, invals))
+    where, result = found
+    return check_results(eqn, where, result)
+
+
+def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluate the (open) `jaxpr` on `consts` and `args`, any of which may be values."""
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jexc.Literal) else env[v]
+
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+        env[var] = val
+    last = _last_uses(jaxpr)
+    for i, eqn in enumerate(jaxpr.eqns):
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, Value) for x in invals):
+            outvals = run_eqn(eqn, invals)
+        else:
+            outvals = bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outvals, strict=True):
+            if not isinstance(var, jexc.DropVar):
+                env[var] = val
+        for var in last.get(i, ()):
+            env.pop(var, None)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
+    """`walk` on a ClosedJaxpr."""
+    return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
+
+
+_LAST_USES: "weakref.WeakKeyDictionary[Any, dict[int, list]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _last_uses(jaxpr: Any) -> dict[int, list]:
+    """Equation index -> the variables last read there (never the outputs)."""
+    try:
+        return _LAST_USES[jaxpr]
+    except KeyError:
+        pass
+    last: dict[Any, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jexc.Literal):
+                last[v] = i
+    for v in jaxpr.outvars:
+        if not isinstance(v, jexc.Literal):
+            last.pop(v, None)
+    by_eqn: dict[int, list] = {}
+    for v, i in last.items():
+        by_eqn.setdefault(i, []).append(v)
+    _LAST_USES[jaxpr] = by_eqn
+    return by_eqn
+
+
+# -- tracing, with its cache ------------------------------------------------------------
+
+
+class TraceCache:
+    """A bounded LRU map from a trace key to `(closed_jaxpr, extra)`.
+
+    A key must determine the traced program completely (static parts, tree
+    structures, avals with weak types). `put` refuses entries whose constants are
+    tracers, so a cached jaxpr never carries the tracers of another trace.
+    """
+
+    def __init__(self, maxsize: int = 1024, *, allow_array_consts: bool = False):
+        self.maxsize = maxsize
+        self.allow_array_consts = allow_array_consts
+        self._entries: dict[Any, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any) -> Any:
+        if key is None:
+            return None
+        try:
+            entry = self._entries.pop(key)
+        except (KeyError, TypeError):
+            self.misses += 1
+            return None
+        self._entries[key] = entry  # most recently used goes last
+        self.hits += 1
+        return entry
+
+    def put(self, key: Any, closed_jaxpr: Any, extra: Any) -> None:
+        if key is None or not consts_are_cacheable(
+            closed_jaxpr.consts, self.allow_array_consts
+        ):
+            return
+        try:
+            self._entries[key] = (closed_jaxpr, extra)
+        except TypeError:  # an unhashable static part: never cached
+            return
+        while len(self._entries) > self.maxsize:
+            self._entries.pop(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def consts_are_cacheable(consts: Sequence[Any], allow_arrays: bool = False) -> bool:
+    """Tracers belong to one trace and are never baked into a reused jaxpr. Concrete
+    JAX arrays are allowed only where the key pins them (`allow_arrays`): a closed-over
+    array may be one the user changes between calls."""
+    bad = jax.core.Tracer if allow_arrays else jax.Array
+    return not any(isinstance(c, bad) for c in consts)

@@ -1,0 +1,79 @@
+"""Shared by the higher-order handlers: values <-> flat leaves, keys, materialising."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.tree_util as jtu
+
+from .._values import Value, materialise
+
+
+#: Per operand: None for a plain array, else the value's treedef and leaf count.
+OperandSpec = tuple[tuple[Any, int] | None, ...]
+
+
+def flatten_operands(vals: Sequence[Any]) -> tuple[list[Any], OperandSpec]:
+    """Values become their leaves (nested values included); arrays stay one leaf."""
+    leaves: list[Any] = []
+    spec: list[tuple[Any, int] | None] = []
+    for x in vals:
+        if isinstance(x, Value):
+            xl, xt = jtu.tree_flatten(x)
+            leaves.extend(xl)
+            spec.append((xt, len(xl)))
+        else:
+            leaves.append(x)
+            spec.append(None)
+    return leaves, tuple(spec)
+
+
+def unflatten_operands(leaves: Sequence[Any], spec: OperandSpec) -> list[Any]:
+    out: list[Any] = []
+    it = iter(leaves)
+    for s in spec:
+        if s is None:
+            out.append(next(it))
+        else:
+            treedef, n = s
+            out.append(jtu.tree_unflatten(treedef, [next(it) for _ in range(n)]))
+    return out
+
+
+def expand_per_operand(entries: Sequence[Any], spec: OperandSpec) -> tuple[Any, ...]:
+    """A per-operand param (shardings, layouts, donation) repeated for each leaf."""
+    out: list[Any] = []
+    for entry, s in zip(entries, spec, strict=True):
+        out.extend([entry] * (1 if s is None else s[1]))
+    return tuple(out)
+
+
+def aval_key(x: Any) -> Any:
+    aval = jax.typeof(x)
+    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+
+
+def operands_key(leaves: Sequence[Any], spec: OperandSpec) -> Any:
+    """A hashable key for operand types and avals: treedefs plus leaf avals."""
+    return (spec, tuple(aval_key(x) for x in leaves))
+
+
+def leaf_specs(leaves: Sequence[Any]) -> list[jax.ShapeDtypeStruct]:
+    specs = []
+    for x in leaves:
+        aval = jax.typeof(x)
+        specs.append(
+            jax.ShapeDtypeStruct(
+                aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)
+            )
+        )
+    return specs
+
+
+def dense(x: Any) -> Any:
+    """A value materialised (checked against its aval); anything else unchanged."""
+    return materialise(x) if isinstance(x, Value) else x
+
+
+def dense_all(vals: Sequence[Any]) -> list[Any]:
+    return [dense(x) for x in vals]
