@@ -1,8 +1,14 @@
 """The exceptions quax raises, and every message template, filled by one formatter."""
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
+import equinox as eqx
+import jax
 import jax.extend.source_info_util as source_info_util
 
 
@@ -75,14 +81,57 @@ quax: internal error: {what}. This is a bug in quax; please report it with the c
 that triggered it."""
 
 
+# quax's own frames are never "the user's line", in messages or in re-emitted
+# equations' metadata.
+source_info_util.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+_SITES = threading.local()
+
+
+@contextlib.contextmanager
+def site(source_info: Any) -> Iterator[None]:
+    """Record the equation being run, so an error inside a sub-jaxpr (whose equations
+    carry JAX-internal tracebacks) can name the enclosing user line."""
+    stack = _SITES.__dict__.setdefault("stack", [])
+    stack.append(source_info)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def format_site(source_info: Any) -> str:
     """The user's line that produced an equation, as "file:line:col (fn)"."""
-    if source_info is None:
-        return "<unknown location>"
-    try:
-        return source_info_util.summarize(source_info)
-    except Exception:  # noqa: BLE001 -- a best-effort location must never raise
-        return "<unknown location>"
+    candidates = [source_info, *reversed(_SITES.__dict__.get("stack", []))]
+    for info in candidates:
+        if info is None:
+            continue
+        try:
+            summary = source_info_util.summarize(info)
+        except Exception:  # noqa: BLE001 -- a best-effort location must never raise
+            continue
+        if summary and not summary.startswith("<"):
+            return summary
+    return _calling_frame()
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.dirname(os.path.abspath(m.__file__ or ""))) + os.sep
+    for m in (contextlib, eqx, jax)
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _calling_frame() -> str:
+    """The innermost frame of the Python stack outside quax, JAX, equinox and the
+    standard library: where the quaxified function was called (JAX keeps only the
+    innermost frames of an equation's traceback, which may all be library code)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_LIBRARY_DIRS) and not name.startswith("<frozen"):
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name}) (the call of the quaxified function)"
+        frame = frame.f_back
+    return "<unknown location>"
 
 
 def type_names(operands: Iterable[Any]) -> str:

@@ -8,6 +8,7 @@ and context manager, strictly in order, and dead variables are freed after last 
 """
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from ._dispatch import (
     try_defaults,
     try_handlers,
 )
+from ._errors import site
 from ._values import Value
 
 
@@ -46,15 +48,33 @@ def register(*prims: jexc.Primitive | None) -> Callable[[HigherOrderHandler], An
     return decorator
 
 
+_ACTIVE = threading.local()
+
+
 @contextlib.contextmanager
 def eqn_context(eqn: Any) -> Iterator[None]:
-    """The user's line, name stack and context of `eqn`, as `eval_jaxpr` sets them."""
-    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-    with (
-        source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
-        eqn.ctx.manager,
-    ):
+    """The user's line, name stack and context of `eqn`, as `eval_jaxpr` sets them.
+
+    Re-entering the context of the innermost active equation is a no-op: a handler
+    that runs inside `run_eqn`'s context and then `bind`s must not push the
+    equation's name stack twice (`foo/foo`).
+    """
+    stack = _ACTIVE.__dict__.setdefault("eqns", [])
+    if stack and stack[-1] is eqn:
         yield
+        return
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    stack.append(eqn)
+    try:
+        with (
+            source_info_util.user_context(
+                eqn.source_info.traceback, name_stack=name_stack
+            ),
+            eqn.ctx.manager,
+        ):
+            yield
+    finally:
+        stack.pop()
 
 
 def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list:
@@ -70,7 +90,7 @@ def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) 
 def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
     """Run one equation with at least one value operand (dispatch protocol)."""
     prim = eqn.primitive
-    with eqn_context(eqn):
+    with site(eqn.source_info), eqn_context(eqn):
         operands = handler_operands(eqn, invals)
         found = try_handlers(eqn, operands, eqn.params)
         if found is NotImplemented and prim in HIGHER_ORDER:
@@ -80,8 +100,8 @@ def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
             found = try_defaults(eqn, operands, bind_params)
         if found is NotImplemented:
             return bind(eqn, materialise_all(eqn, invals))
-    where, result = found
-    return check_results(eqn, where, result)
+        where, result = found
+        return check_results(eqn, where, result)
 
 
 def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
