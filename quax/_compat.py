@@ -3,9 +3,12 @@
 Each entry says which JAX version changed what, so the next upgrade is one file to read.
 """
 
+from typing import Any
+
 import jax
-import numpy as np
 import jax.extend.core as jexc
+import numpy as np
+
 
 # JAX 0.11.0 dropped Python 3.11 and merged `ClosedJaxpr` into `Jaxpr`;
 # see ../shared/JAX_NOTES.md section 6.
@@ -40,3 +43,47 @@ def weak_scalar_like(value, dtype, weak_type: bool):
     from jax._src.lax.lax import _convert_element_type  # private; see docstring
 
     return _convert_element_type(value, np.dtype(dtype), weak_type=weak_type)
+
+
+# -- higher-order and structural primitives (quax/handlers/) -------------------------
+optimization_barrier_p = getattr(jax.lax, "optimization_barrier_p", None)
+linear_solve_p = getattr(_prims, "linear_solve_p", None)
+
+
+def _private_primitive(module: str, name: str) -> Any:
+    """A primitive JAX does not export (JAX 0.10.2: the callback primitives live in
+    `jax._src.callback` and `jax._src.debugging`). None where it moved or vanished:
+    the handler is then skipped and the default path (materialise, then bind) runs."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+pure_callback_p = _private_primitive("jax._src.callback", "pure_callback_p")
+io_callback_p = _private_primitive("jax._src.callback", "io_callback_p")
+debug_callback_p = _private_primitive("jax._src.debugging", "debug_callback_p")
+debug_print_p = _private_primitive("jax._src.debugging", "debug_print_p")
+
+
+def scan_split(params: dict[str, Any], n_operands: int) -> tuple[int, int]:
+    """How many of a `scan` equation's operands are consts and carries.
+
+    JAX 0.11.0 replaced `num_consts`/`num_carry` with `ft_in`, a private
+    `jax._src.flattree.FlatTree` over `(consts, carry, xs)`; its `update(...).unpack()`
+    splits the operands the way scan's own impl does.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].update(list(range(n_operands))).unpack()
+    return len(list(consts)), len(list(carry))
+
+
+def convert_constvars_jaxpr(jaxpr: Any) -> Any:
+    """The open jaxpr taking `jaxpr.constvars` as leading invars (`remat2`'s jaxpr
+    param is open). No public API does this in JAX 0.10.2 or 0.11.0."""
+    from jax._src.interpreters.partial_eval import convert_constvars_jaxpr as convert
+
+    return convert(jaxpr)

@@ -191,6 +191,19 @@ class ArrayValue(Value):
     def T(self) -> Any:
         return _quaxified(jnp.transpose)(self)
 
+    def scan_leafwise(self) -> bool:
+        """Whether `lax.scan` may slice this value along its leading axis leaf by leaf
+        (a value as `xs`), and stack per-step values of this type the same way (as
+        `ys`), so the scanned body sees values and runs their handlers.
+
+        Return True only if, for every `i`, `jax.tree.map(lambda l: l[i], v)` is the
+        value whose `materialise()` is `materialise(v)[i]` (e.g. a stack of LoRA
+        weights with a leading layer axis on every leaf). The default, False,
+        materialises the value first: always correct, but the body sees an array.
+        It is called on traced values, so decide from structure, not contents.
+        """
+        return False
+
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of unsized object")

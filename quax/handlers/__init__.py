@@ -2,8 +2,21 @@
 
 - `_jit`: `jit` (nested `jax.jit`, and most `jax.numpy` functions).
 - `_custom_derivatives`: `custom_jvp_call`, `custom_vjp_call`.
+- `_cond`: `cond` (`lax.cond`, `lax.switch`).
+- `_loops`: `while` (`lax.while_loop`, `fori_loop`), `scan` (`lax.scan`, `lax.map`).
+- `_checkpoint`: `remat2` (`jax.checkpoint`), `closed_call`, `call`.
+- `_callbacks`: `pure_callback`, `io_callback`, `debug_callback`, `debug_print`.
+- `_structural`: `stop_gradient`, `optimization_barrier`, `name` (`checkpoint_name`).
 
 Each module registers itself into `quax._walker.HIGHER_ORDER` when imported.
 """
 
-from . import _custom_derivatives as _custom_derivatives, _jit as _jit
+from . import (
+    _callbacks as _callbacks,
+    _checkpoint as _checkpoint,
+    _cond as _cond,
+    _custom_derivatives as _custom_derivatives,
+    _jit as _jit,
+    _loops as _loops,
+    _structural as _structural,
+)

@@ -77,3 +77,32 @@ def dense(x: Any) -> Any:
 
 def dense_all(vals: Sequence[Any]) -> list[Any]:
     return [dense(x) for x in vals]
+
+
+def leaf_type(leaf: Any) -> tuple[tuple[int, ...], Any]:
+    """`(shape, dtype)` of an array, a tracer or a `jax.ShapeDtypeStruct`."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return tuple(leaf.shape), leaf.dtype
+    aval = jax.typeof(leaf)
+    return tuple(aval.shape), aval.dtype
+
+
+def value_type(x: Any) -> Any:
+    """What must agree for a value to flow through a control-flow boundary unchanged:
+    None for a plain array (JAX checks those itself), else the value's treedef (its
+    class and static fields) and the shape and dtype of each leaf. Weak types are left
+    to JAX, which promotes them across branches and iterations."""
+    if not isinstance(x, Value):
+        return None
+    leaves, treedef = jtu.tree_flatten(x)
+    return treedef, tuple(leaf_type(leaf) for leaf in leaves)
+
+
+def value_types(vals: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(value_type(x) for x in vals)
+
+
+def abstract_call(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` traced for its output types only (`jax.eval_shape`); values in the
+    output come back as values whose leaves are `jax.ShapeDtypeStruct`s."""
+    return jax.eval_shape(fn, *args)
