@@ -2,7 +2,11 @@
 
 import importlib.metadata
 
-from . import handlers as handlers  # registers the higher-order primitive handlers
+from . import (
+    handlers as handlers,  # registers the higher-order primitive handlers
+    lora as lora,
+    zero as zero,
+)
 from ._dispatch import candidates as candidates
 from ._errors import (
     HandlerResultError as HandlerResultError,

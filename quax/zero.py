@@ -1,0 +1,3 @@
+"""Symbolic zeros (see `quax.types.zero`)."""
+
+from .types.zero import Zero as Zero
