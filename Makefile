@@ -23,8 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check quax tests benchmarks examples
 	$(VENV)/bin/pyright
 
+# `make bench BENCH_ARGS=--quick` for a fast smoke run; the Quax library's venv
+# (benchmarks/.venv-quax) is created on first use.
 bench: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv-quax

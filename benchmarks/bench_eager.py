@@ -1,0 +1,90 @@
+"""Question 5: eager latency. A warm `quaxify(model)(x)` call (no outer `jax.jit`)
+against the plain model called eagerly and against a warm `jax.jit` of the plain
+(dense) model, all three in the same rounds.
+
+The models are LoRA'd (every Linear) where the library has LoRA, else carry one
+rule-less `Box` weight (materialised where it is used). The jitted dense model takes
+its parameters as arguments (`eqx.partition`), as `eqx.filter_jit` does.
+"""
+
+import equinox as eqx
+import jax
+import jax.random as jr
+from _adapters import Box, have_lora, loraify
+from _common import (
+    Results,
+    Transformer,
+    block,
+    interleave,
+    main,
+    mlp,
+    ratios,
+    tokens,
+)
+
+import quax
+
+
+def valueify(model, key):
+    if have_lora():
+        return loraify(model, rank=8, key=key)
+    return eqx.tree_at(
+        lambda m: first_linear(m).weight, model, Box(first_linear(model).weight)
+    )
+
+
+def first_linear(model) -> eqx.nn.Linear:
+    is_linear = lambda x: isinstance(x, eqx.nn.Linear)
+    return next(x for x in jax.tree.leaves(model, is_leaf=is_linear) if is_linear(x))
+
+
+def run(mode: str = "full") -> Results:
+    kind = "LoRA'd" if have_lora() else "one Box weight"
+    res = Results("eager", f"warm eager calls ({kind})", mode)
+    key = jr.key(0)
+    cases = {
+        "full": [("mlp", 15), ("transformer", 5)],
+        "quick": [("mlp", 5), ("transformer", 2)],
+        "tiny": [("mlp_tiny", 1)],
+    }[mode]
+    for name, rounds in cases:
+        if name == "mlp":
+            model, x, desc = mlp(8, 512, key=key), jax.numpy.ones(512), "MLP 8x512"
+        elif name == "mlp_tiny":
+            model, x, desc = mlp(2, 16, key=key), jax.numpy.ones(16), "MLP 2x16"
+        else:
+            model, x = Transformer(12, 256, key=key), tokens(128)
+            desc = "transformer 12x256"
+        qmodel = quax.quaxify(valueify(model, jr.key(1)))
+        params, static = eqx.partition(model, eqx.is_array)
+        jitted = jax.jit(lambda p, x, static=static: eqx.combine(p, static)(x))
+        block(jitted(params, x))
+        block(qmodel(x))  # warm: traces (and, if it does, compiles) once
+        variants = {
+            "plain_eager": lambda model=model, x=x: block(model(x)),
+            "quax": lambda qmodel=qmodel, x=x: block(qmodel(x)),
+            "jit": lambda jitted=jitted, p=params, x=x: block(jitted(p, x)),
+        }
+        times = interleave(variants, rounds, number=3 if name == "mlp" else 1)
+        res.add_time(f"{name}_jit_ms", f"{desc}: jax.jit(dense), warm", times["jit"])
+        res.add_time(f"{name}_eager_ms", f"{desc}: plain eager", times["plain_eager"])
+        res.add_time(
+            f"{name}_quax_ms", f"{desc}: quaxify(model)(x), warm", times["quax"]
+        )
+        target = 1.5 if name != "mlp_tiny" else None
+        res.add_ratio(
+            f"{name}_vs_jit",
+            f"{desc}: quaxify / jit",
+            ratios(times["quax"], times["jit"]),
+            target,
+        )
+        res.add_ratio(
+            f"{name}_vs_eager",
+            f"{desc}: quaxify / plain eager",
+            ratios(times["quax"], times["plain_eager"]),
+        )
+    return res
+
+
+if __name__ == "__main__":
+    main(run)

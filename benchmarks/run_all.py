@@ -1,0 +1,246 @@
+"""`make bench`: every benchmark, once against quax (this repository) and once against
+the Quax library (PyPI `quax==0.4.6`, same import name, so in its own virtual
+environment `benchmarks/.venv-quax`, created on first use), then both side by side.
+
+The two libraries alternate script by script, so both see the same machine load.
+Each script's figures are ratios to plain JAX measured in its own rounds; where the
+two libraries are compared, it is through those ratios (a ratio of ratios), never
+through absolute times from different processes.
+
+    python benchmarks/run_all.py [--quick] [--only trace,eager] [--no-quax]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+QUAX_VENV = os.path.join(HERE, ".venv-quax")
+QUAX_VERSION = "0.4.6"
+BENCHES = (
+    "trace",
+    "jit_reuse",
+    "scan_layers",
+    "dispatch_overhead",
+    "eager",
+    "lora_runtime",
+    "zero",
+)
+OURS, THEIRS = "quax", "quax-pypi"
+
+
+def venv_python(venv: str) -> str:
+    return os.path.join(venv, "bin", "python")
+
+
+def ensure_quax_venv() -> str:
+    """The Quax library's virtual environment, with the JAX and equinox versions of
+    this one, created if missing or stale."""
+    import equinox
+    import jax
+
+    py = venv_python(QUAX_VENV)
+    want = (QUAX_VERSION, jax.__version__, equinox.__version__)
+    check = (
+        "import quax, jax, equinox; "
+        "print(quax.__version__, jax.__version__, equinox.__version__)"
+    )
+    if os.path.exists(py):
+        out = subprocess.run(
+            [py, "-c", check], capture_output=True, text=True, env=_env()
+        )
+        if tuple(out.stdout.split()) == want:
+            return py
+    print(
+        f"creating {os.path.relpath(QUAX_VENV)} (quax=={QUAX_VERSION}) ...", flush=True
+    )
+    t0 = time.perf_counter()
+    python3 = shutil.which("python3") or sys.executable
+    subprocess.run([python3, "-m", "venv", "--clear", QUAX_VENV], check=True)
+    pins = [
+        f"quax=={QUAX_VERSION}",
+        f"jax=={jax.__version__}",
+        f"jaxlib=={jax.__version__}",
+        f"equinox=={equinox.__version__}",
+        "optax",
+    ]
+    subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", *pins], check=True, env=_env()
+    )
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return py
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # never let this repository shadow the Quax library
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_one(py: str, bench: str, quick: bool) -> bool:
+    cmd = [py, os.path.join(HERE, f"bench_{bench}.py")] + (["--quick"] if quick else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), cwd=HERE)
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return proc.returncode == 0
+
+
+def load(bench: str, tag: str) -> dict[str, Any] | None:
+    path = os.path.join(RESULTS, f"{bench}.{tag}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    v, unit = row["value"], row.get("unit", "")
+    if isinstance(v, bool) or v is None:
+        text = str(v)
+    elif isinstance(v, int):
+        text = str(v)
+    elif unit == "x":
+        text = f"{v:.2f}x"
+    else:
+        text = f"{v:.3g} {unit}".strip()
+    if "spread" in row and unit != "":
+        lo, hi = row["spread"]
+        text += f" [{lo:.3g}-{hi:.3g}]" if unit != "x" else f" [{lo:.2f}-{hi:.2f}]"
+    return text
+
+
+def side_by_side(benches: tuple[str, ...]) -> list[str]:
+    """Markdown tables, one per benchmark: quax next to Quax, and the targets."""
+    lines: list[str] = []
+    for bench in benches:
+        ours, theirs = load(bench, OURS), load(bench, THEIRS)
+        if ours is None and theirs is None:
+            continue
+        head = ours or theirs
+        assert head is not None
+        lines += ["", f"**{bench}**: {head['question']}", ""]
+        lines += [f"| | quax | Quax {QUAX_VERSION} | target |", "|---|---|---|---|"]
+        rows_t = {r["key"]: r for r in theirs["rows"]} if theirs else {}
+        keys = [r["key"] for r in (ours or theirs)["rows"]]  # type: ignore[index]
+        keys += [k for k in rows_t if k not in keys]
+        rows_o = {r["key"]: r for r in ours["rows"]} if ours else {}
+        for key in keys:
+            o, t = rows_o.get(key), rows_t.get(key)
+            desc = (o or t)["desc"]  # type: ignore[index]
+            target = ""
+            if o is not None and "target" in o:
+                target = f"{o['target']}: {'met' if o['met'] else '**missed**'}"
+            lines.append(f"| {desc} | {fmt(o)} | {fmt(t)} | {target} |")
+        for res, name in ((ours, "quax"), (theirs, "Quax")):
+            for note in (res or {}).get("notes", []):
+                lines.append(f"\n_{name}: {note}_")
+    return lines
+
+
+def targets() -> list[str]:
+    """The issue's targets, with this run's figures."""
+
+    def row(bench: str, tag: str, key: str) -> dict[str, Any] | None:
+        res = load(bench, tag)
+        return next((r for r in res["rows"] if r["key"] == key), None) if res else None
+
+    out = ["", "| target | measured | met |", "|---|---|---|"]
+
+    def add(text: str, r: dict[str, Any] | None, at_most: float | None = None):
+        if r is None:
+            out.append(f"| {text} | not measured | - |")
+            return
+        met = r.get("met") if at_most is None else r["value"] <= at_most
+        out.append(f"| {text} | {fmt(r)} | {'yes' if met else '**no**'} |")
+
+    add(
+        "trace+lower, transformer, <= 1.10x plain JAX",
+        row("trace", OURS, "transformer_first_ratio"),
+    )
+    o = row("trace", OURS, "transformer_first_ratio")
+    t = row("trace", THEIRS, "transformer_first_ratio")
+    if o and t:
+        rr = {"value": o["value"] / t["value"], "unit": "x"}
+        add(
+            "trace+lower, transformer, <= 0.75x Quax (ratio of the ratios to plain)",
+            rr,
+            0.75,
+        )
+    add(
+        "dispatch overhead per equation <= 1.2x plain tracing (walk of a traced jaxpr)",
+        row("dispatch_overhead", OURS, "repeat_ratio"),
+    )
+    add("same jitted block x32 walked once", row("jit_reuse", OURS, "same_walks"))
+    add(
+        "32 layers through one jitted block walked once",
+        row("jit_reuse", OURS, "many_walks"),
+    )
+    add("eager MLP <= 1.5x warm jax.jit", row("eager", OURS, "mlp_vs_jit"))
+    add(
+        "eager transformer <= 1.5x warm jax.jit",
+        row("eager", OURS, "transformer_vs_jit"),
+    )
+    for d in (1024, 2048):
+        add(
+            f"LoRA fwd+bwd d={d} <= 1.02x hand-written",
+            row("lora_runtime", OURS, f"d{d}_fwdbwd_vs_hand"),
+        )
+        add(
+            f"LoRA step d={d}: no full-size temporary",
+            row("lora_runtime", OURS, f"d{d}_no_full_grad"),
+        )
+    add(
+        "scan over stacked LoRA: no full weight (forward)",
+        row("scan_layers", OURS, "fwd_full_weights"),
+    )
+    add(
+        "scan over stacked LoRA: no full weight (gradient)",
+        row("scan_layers", OURS, "grad_full_weights"),
+    )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--no-quax", action="store_true", help="skip the Quax library")
+    args = parser.parse_args()
+    benches = tuple(b for b in BENCHES if not args.only or b in args.only.split(","))
+    t0 = time.perf_counter()
+    theirs_py = None if args.no_quax else ensure_quax_venv()
+    ok = True
+    for bench in benches:
+        print(f"\n##### {bench}", flush=True)
+        ok &= run_one(sys.executable, bench, args.quick)
+        if theirs_py is not None:
+            ok &= run_one(theirs_py, bench, args.quick)
+    import jax
+
+    first = load(benches[0], OURS)
+    device = first["device"] if first else "?"
+    mode = "quick" if args.quick else "full"
+    lines = [f"Measured on {device}, jax {jax.__version__}, {mode} run."]
+    lines += side_by_side(benches)
+    lines += ["", "**Targets**"] + targets()
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS, "summary.md"), "w") as f:
+        f.write(text)
+    print("\n" + "=" * 80 + "\nquax vs Quax " + QUAX_VERSION + "\n" + text)
+    total = time.perf_counter() - t0
+    print(f"total {total:.0f} s; the table is in benchmarks/results/summary.md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
