@@ -101,3 +101,67 @@ def make_nested(key):
     k1, k2 = jr.split(key)
     a, b = jr.normal(k1, (3, 4)), jr.normal(k2, (3, 4))
     return Pair(Ruleless(a), Scaled(b, jnp.asarray(0.5))), a + 0.5 * b
+
+
+#: Every `LowRank.materialise()` call appends the value's shape here.
+LOWRANK_MATERIALISED: list[tuple[int, ...]] = []
+
+
+class LowRank(quax.ArrayValue):
+    """`w + a @ b` (LoRA-like; `materialise` is nonlinear in the leaves). Handles
+    `x @ v` without materialising, and opts in to leaf-by-leaf scanning, so a stack of
+    layers (leading axis on every leaf) can be scanned over."""
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def materialise(self):
+        LOWRANK_MATERIALISED.append(tuple(self.w.shape))
+        return self.w + self.a @ self.b
+
+    def rdot_general(self, x: jax.Array, /, *, dimension_numbers, **params):
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+        standard = (
+            self.w.ndim == 2
+            and tuple(rhs_contract) == (0,)
+            and tuple(lhs_contract) == (x.ndim - 1,)
+            and not lhs_batch
+            and not rhs_batch
+        )
+        if not standard:
+            return NotImplemented
+        return x @ self.w + (x @ self.a) @ self.b
+
+    def scan_leafwise(self):
+        return True
+
+
+def make_lowrank(key, shape=(3, 4), rank=2):
+    k1, k2, k3 = jr.split(key, 3)
+    *batch, n, m = shape
+    w = jr.normal(k1, shape)
+    a = jr.normal(k2, (*batch, n, rank))
+    b = jr.normal(k3, (*batch, rank, m))
+    return LowRank(w, a, b), w + a @ b
+
+
+@builder
+def make_lora(key):
+    from quax.lora import LoraArray
+
+    kw, ka, kb = jr.split(key, 3)
+    lora = LoraArray(jr.normal(kw, (3, 4)), rank=2, allow_materialise=True, key=ka)
+    lora = eqx.tree_at(lambda x: x.b, lora, jr.normal(kb, (2, 4)))
+    return lora, lora.w + lora.a @ lora.b
+
+
+@builder
+def make_zero(key):
+    from quax.zero import Zero
+
+    del key
+    return Zero((3, 4), jnp.float32), jnp.zeros((3, 4), jnp.float32)

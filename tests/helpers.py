@@ -43,13 +43,19 @@ def tree_allclose(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-5) -> boo
 
 def _float_leaves_first_arg(args: tuple) -> int | None:
     for i, x in enumerate(args):
-        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(
+            x.dtype, jnp.floating
+        ):
             return i
     return None
 
 
-def run_mode(fn: Callable, args: tuple, mode: str, quaxed: bool) -> Any:
-    """Run `fn` (quaxified or not) on `args` in one of the `MODES`."""
+def run_mode(
+    fn: Callable, args: tuple, mode: str, quaxed: bool, argnum: int | None = None
+) -> Any:
+    """Run `fn` (quaxified or not) on `args` in one of the `MODES`. In "grad" mode the
+    gradient is taken with respect to `args[argnum]` (default: the first plain
+    floating-point argument)."""
     call = quax.quaxify(fn) if quaxed else fn
     if mode == "eager":
         return call(*args)
@@ -59,7 +65,7 @@ def run_mode(fn: Callable, args: tuple, mode: str, quaxed: bool) -> Any:
         return call(*args) if not quaxed else quax.quaxify(jax.jit(fn))(*args)
     if mode == "grad":
         # Gradient with respect to the first plain floating-point argument.
-        i = _float_leaves_first_arg(args)
+        i = _float_leaves_first_arg(args) if argnum is None else argnum
         if i is None:
             return call(*args)
 
@@ -67,20 +73,30 @@ def run_mode(fn: Callable, args: tuple, mode: str, quaxed: bool) -> Any:
             new = list(args)
             new[i] = x
             out = densify(call(*new))
-            leaves = [jnp.sum(jnp.real(o)) for o in jtu.tree_leaves(out)
-                      if jnp.issubdtype(o.dtype, jnp.inexact)]
+            leaves = [
+                jnp.sum(jnp.real(o))
+                for o in jtu.tree_leaves(out)
+                if jnp.issubdtype(o.dtype, jnp.inexact)
+            ]
             return sum(leaves, jnp.zeros(()))
 
         return jax.grad(scalar)(args[i])
     if mode == "vmap":
-        stacked = jtu.tree_map(lambda x: jnp.stack([x, x]) if eqx.is_array(x) else x, args)
+        stacked = jtu.tree_map(
+            lambda x: jnp.stack([x, x]) if eqx.is_array(x) else x, args
+        )
         return eqx.filter_vmap(call)(*stacked)
     raise ValueError(mode)
 
 
-def assert_matches_dense(fn: Callable, *args: Any, mode: str = "eager", rtol=1e-5, atol=1e-5):
+def assert_matches_dense(
+    fn: Callable, *args: Any, mode: str = "eager", rtol=1e-5, atol=1e-5
+):
     """`quaxify(fn)` on `args` equals `fn` on the materialised `args`, in `mode`."""
-    got = run_mode(fn, args, mode, quaxed=True)
-    expected = run_mode(fn, densify(args), mode, quaxed=False)
+    # The same argument is differentiated in both runs (after densify, a value
+    # would otherwise become "the first plain floating-point argument").
+    argnum = _float_leaves_first_arg(args)
+    got = run_mode(fn, args, mode, quaxed=True, argnum=argnum)
+    expected = run_mode(fn, densify(args), mode, quaxed=False, argnum=argnum)
     assert tree_allclose(got, expected, rtol=rtol, atol=atol), (got, expected)
     return got
