@@ -1,13 +1,12 @@
 """quax: custom array-ish types that flow through unmodified JAX programs."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from . import (
     handlers as handlers,  # registers the higher-order primitive handlers
     lora as lora,
     zero as zero,
 )
-from ._dispatch import candidates as candidates
 from ._errors import (
     HandlerResultError as HandlerResultError,
     NoHandlerError as NoHandlerError,
@@ -18,4 +17,4 @@ from ._quaxify import quaxify as quaxify
 from ._values import ArrayValue as ArrayValue, Value as Value, handler_name as handler_name
 
 
-__version__ = importlib.metadata.version("quax")
+__version__ = _metadata.version("quax")

@@ -90,13 +90,16 @@ _NO_HINT = object()
 
 
 @ft.cache
-def _signature_hints(fn: Callable) -> tuple[tuple[Any, ...], Any, Any]:
+def _signature_hints(cls: type, fn: Callable) -> tuple[tuple[Any, ...], Any, Any]:
     """`(positional operand hints after self, *args hint, return hint)`; `_NO_HINT`
-    where there is no annotation."""
+    where there is no annotation. String annotations may name the class or any of its
+    bases (`-> "Zero"`), even when the class is local to a function."""
+    localns = {c.__name__: c for c in reversed(cls.__mro__)}
     try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # noqa: BLE001 -- unresolvable forward references: no checks
-        hints = {}
+        hints = typing.get_type_hints(fn, localns=localns, include_extras=True)
+    except Exception:  # noqa: BLE001 -- unresolvable names: keep what is not a string
+        raw = getattr(fn, "__annotations__", {})
+        hints = {k: v for k, v in raw.items() if not isinstance(v, str)}
     sig = inspect.signature(fn)
     positional: list[Any] = []
     vararg: Any = _NO_HINT
@@ -110,8 +113,8 @@ def _signature_hints(fn: Callable) -> tuple[tuple[Any, ...], Any, Any]:
     return tuple(positional), vararg, hints.get("return", _NO_HINT)
 
 
-def _accepts(fn: Callable, operands: Sequence[Any]) -> bool:
-    positional, vararg, _ = _signature_hints(fn)
+def _accepts(cls: type, fn: Callable, operands: Sequence[Any]) -> bool:
+    positional, vararg, _ = _signature_hints(cls, fn)
     for i, x in enumerate(operands):
         hint = positional[i] if i < len(positional) else vararg
         if hint is not _NO_HINT and not is_bearable(x, hint):
@@ -119,8 +122,8 @@ def _accepts(fn: Callable, operands: Sequence[Any]) -> bool:
     return True
 
 
-def _check_return(fn: Callable, where: str, result: Any, eqn: Any) -> None:
-    hint = _signature_hints(fn)[2]
+def _check_return(cls: type, fn: Callable, where: str, result: Any, eqn: Any) -> None:
+    hint = _signature_hints(cls, fn)[2]
     if hint is _NO_HINT or is_bearable(result, hint):
         return
     raise HandlerResultError(
@@ -162,13 +165,13 @@ def try_handlers(eqn: Any, operands: Sequence[Any], params: dict[str, Any]) -> A
             fn, args = lookup_handler(cls, method), (operands[1], operands[0])
         else:
             continue
-        if fn is None or not _accepts(fn, args[1:]):
+        if fn is None or not _accepts(cls, fn, args[1:]):
             continue
         result = fn(*args, **params)
         if result is NotImplemented:
             continue
         where = f"{cls.__name__}.{method}"
-        _check_return(fn, where, result, eqn)
+        _check_return(cls, fn, where, result, eqn)
         return where, result
     return NotImplemented
 

@@ -126,17 +126,16 @@ def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
     pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
     if any(is_value(x) or _is_array(x) for x in pass_leaves):
         return None  # values passed through are closed over: never reused
-    dynamic = set(positions)
+    avals_at = dict(zip(positions, avals, strict=True))
     parts: list[Any] = []
-    for i, x in enumerate(leaves):
-        if i not in dynamic:
-            parts.append(("static", x))
-    for x, aval in zip((leaves[i] for i in positions), avals, strict=True):
-        if is_value(x):
+    for i, x in enumerate(leaves):  # in leaf order: `f(2.0, v)` is not `f(v, 2.0)`
+        if i not in avals_at:
+            parts.append(("static", type(x), x))
+        elif is_value(x):
             vleaves, vtreedef = jtu.tree_flatten(x)
             parts.append((vtreedef, tuple(_aval_key(jax.typeof(v)) for v in vleaves)))
         else:
-            parts.append(_aval_key(aval))
+            parts.append(_aval_key(avals_at[i]))
     key = (treedef, tuple(parts), pass_treedef, tuple(pass_leaves))
     try:
         hash(key)

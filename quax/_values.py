@@ -9,7 +9,7 @@ import functools as ft
 import inspect
 import keyword
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -211,6 +211,16 @@ class ArrayValue(Value):
 
     def __getitem__(self, index: Any) -> Any:
         return _quaxified(operator.getitem)(self, index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError(
+            f"quax: a {type(self).__name__} is not converted to a NumPy array "
+            "implicitly (that would materialise it silently).\n"
+            f"To fix: call `.materialise()` first, e.g. `np.asarray(value.materialise())`."
+        )
 
     # -- operators: each runs the `jax.numpy` function under `quax.quaxify` --
 
