@@ -59,16 +59,54 @@ def _call(leaves: list[Any], treedef: Any, passthrough: Any) -> Any:
     avals = [x.aval() if is_value(x) else jax.typeof(x) for x in inputs]
     key = _trace_key(leaves, treedef, passthrough, positions, avals)
     entry = TRACES.get(key)
+    cached = entry is not None
     if entry is None:
         entry, cacheable = _trace(leaves, treedef, passthrough, positions, avals)
-        if cacheable:
-            TRACES.put(key, *entry)
-    closed_jaxpr, (keep, out_treedef, out_leaves, out_positions) = entry
-    outvals = walk_closed(closed_jaxpr, [inputs[k] for k in keep])
-    out_leaves = list(out_leaves)
-    for i, val in zip(out_positions, outvals, strict=True):
+        cached = cacheable and TRACES.put(key, *entry)
+    closed_jaxpr, meta = entry
+    fed = [inputs[k] for k in meta.keep]
+    outvals = _run_compiled(closed_jaxpr, meta, fed) if cached else None
+    if outvals is None:
+        outvals = walk_closed(closed_jaxpr, fed)
+    out_leaves = list(meta.out_leaves)
+    for i, val in zip(meta.out_positions, outvals, strict=True):
         out_leaves[i] = _as_output(val)
-    return jtu.tree_unflatten(out_treedef, out_leaves)
+    return jtu.tree_unflatten(meta.out_treedef, out_leaves)
+
+
+class _Meta:
+    """What a trace needs besides its jaxpr: which dynamic inputs it takes, how to
+    rebuild the outputs, and (eager calls) the compiled walk."""
+
+    def __init__(self, keep, out_treedef, out_leaves, out_positions):
+        self.keep = keep
+        self.out_treedef = out_treedef
+        self.out_leaves = out_leaves
+        self.out_positions = out_positions
+        # None: not compiled yet; False: needs op-by-op (a handler needs concrete
+        # values); else the `jax.jit` of the walk.
+        self.compiled: Any = None
+
+
+def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] | None:
+    """Eager calls (every input concrete) run the walked program compiled, cached per
+    trace, unless `jax.disable_jit()` is on or a handler needs concrete values; then
+    None, and the caller walks op by op."""
+    if meta.compiled is False or jax.config.jax_disable_jit:
+        return None
+    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(fed)):
+        return None
+    if meta.compiled is None:
+
+        def compiled_walk(fed):
+            return walk_closed(closed_jaxpr, fed)
+
+        meta.compiled = jax.jit(compiled_walk)
+    try:
+        return meta.compiled(fed)
+    except _CONCRETE_ERRORS:
+        meta.compiled = False
+        return None
 
 
 def _trace(leaves, treedef, passthrough, positions, avals):
@@ -81,7 +119,7 @@ def _trace(leaves, treedef, passthrough, positions, avals):
     specs = [_spec(a) for a in avals]
     try:
         closed, meta = _make_jaxpr(leaves, treedef, passthrough, positions, specs)
-        return (closed, (tuple(range(len(positions))), *meta)), True
+        return (closed, _Meta(tuple(range(len(positions))), *meta)), True
     except _CONCRETE_ERRORS:
         if any(isinstance(leaves[i], jax.core.Tracer) for i in positions):
             raise
@@ -93,7 +131,7 @@ def _trace(leaves, treedef, passthrough, positions, avals):
             leaves, treedef, passthrough, [positions[k] for k in keep],
             [specs[k] for k in keep],
         )
-    return (closed, (keep, *meta)), False
+    return (closed, _Meta(keep, *meta)), False
 
 
 def _make_jaxpr(leaves, treedef, passthrough, positions, specs):

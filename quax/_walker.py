@@ -191,17 +191,19 @@ class TraceCache:
         self.hits += 1
         return entry
 
-    def put(self, key: Any, closed_jaxpr: Any, extra: Any) -> None:
+    def put(self, key: Any, closed_jaxpr: Any, extra: Any) -> bool:
+        """Store an entry; False if it may not be cached."""
         if key is None or not consts_are_cacheable(
             closed_jaxpr.consts, self.allow_array_consts
         ):
-            return
+            return False
         try:
             self._entries[key] = (closed_jaxpr, extra)
         except TypeError:  # an unhashable static part: never cached
-            return
+            return False
         while len(self._entries) > self.maxsize:
             self._entries.pop(next(iter(self._entries)))
+        return True
 
     def clear(self) -> None:
         self._entries.clear()

@@ -162,7 +162,8 @@ seen: dict[str, Any] = {}
 
 class Recorder(Base):
     def mul(self, other, /, **params):
-        seen["other"] = other
+        seen["other_is_array"] = isinstance(other, jax.Array)
+        seen["other_aval"] = jax.typeof(other)
         seen["params"] = params
         return NotImplemented
 
@@ -170,13 +171,11 @@ class Recorder(Base):
 def test_literals_reach_handlers_as_jax_arrays_of_the_traced_dtype():
     # `v * 2.0` is traced as `mul v 2.0:f32[]`: the literal is already promoted.
     quax.quaxify(lambda v: v * 2.0)(Recorder(x))
-    other = seen["other"]
-    assert isinstance(other, jax.Array)
-    assert other.dtype == jnp.float32 and other.shape == ()
-    np.testing.assert_allclose(other, 2.0)
+    assert seen["other_is_array"]
+    assert seen["other_aval"].dtype == jnp.float32 and seen["other_aval"].shape == ()
     quax.quaxify(lambda v: v * 2.0)(Recorder(x.astype(jnp.bfloat16)))
-    assert isinstance(seen["other"], jax.Array)
-    assert seen["other"].dtype == jnp.bfloat16
+    assert seen["other_is_array"]
+    assert seen["other_aval"].dtype == jnp.bfloat16
 
 
 def test_params_are_forwarded_as_keywords():
