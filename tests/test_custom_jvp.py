@@ -1,0 +1,123 @@
+"""`custom_jvp_call`: custom JVP rules survive quaxify (issue 3).
+
+Each test compares derivatives of a quaxified function with those of the dense
+function, differentiating the leaves of a value whose `materialise()` is nonlinear in
+them (LowRank: `w + a @ b`), at points where the custom rule differs from
+differentiating the primal.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from builders import LowRank, Scaled
+from helpers import densify, tree_allclose
+
+import quax
+
+
+@jax.custom_jvp
+def clip_grad(x):
+    """The identity, whose derivative is damped to 0.1 outside [-1, 1] (a rule that
+    is linear in the tangent, so reverse mode can transpose it)."""
+    return x
+
+
+@clip_grad.defjvp
+def _clip_grad_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x, jnp.where(jnp.abs(x) <= 1.0, t, 0.1 * t)
+
+
+@jax.custom_jvp
+def wrong_square(x):
+    """x ** 2 with a deliberately different derivative (3 instead of 2 x)."""
+    return x**2
+
+
+@wrong_square.defjvp
+def _wrong_square_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x**2, 3.0 * t
+
+
+def _lowrank(w, a, b):
+    return LowRank(w, a, b)
+
+
+def _grads(fn, w, a, b):
+    """Gradients of sum(fn(w + a @ b)) in (w, a, b), quaxified and dense."""
+
+    def loss(w, a, b, quaxed):
+        v = _lowrank(w, a, b)
+        return jnp.sum(quax.quaxify(fn)(v) if quaxed else fn(densify(v)))
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(w, a, b, True)
+    expected = jax.grad(loss, argnums=(0, 1, 2))(w, a, b, False)
+    return got, expected
+
+
+# `w` is chosen so that `w + a @ b` has exact zeros (relu's kink) and large entries.
+_W = jnp.array([[-1.0, 2.0, 0.5], [3.0, -0.5, 0.0]])
+_A = jnp.array([[1.0], [0.0]])
+_B = jnp.array([[1.0, -2.0, 0.5]])
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [jax.nn.relu, jax.nn.softplus, jax.nn.gelu, jax.nn.silu, clip_grad, wrong_square],
+    ids=["relu", "softplus", "gelu", "silu", "clip_grad", "wrong_square"],
+)
+def test_grad_through_custom_jvp_of_lowrank(fn):
+    got, expected = _grads(fn, _W, _A, _B)
+    assert tree_allclose(got, expected)
+
+
+def test_relu_at_zero():
+    # w + a @ b is exactly 0 at [0, 0]: relu's rule gives derivative 0 there.
+    got, expected = _grads(jax.nn.relu, _W, _A, _B)
+    dense_v = densify(_lowrank(_W, _A, _B))
+    assert dense_v[0, 0] == 0.0 and got[0][0, 0] == 0.0
+    assert tree_allclose(got, expected)
+
+
+def test_custom_rule_is_used_not_the_primal_derivative():
+    got, _ = _grads(wrong_square, _W, _A, _B)
+    # The rule says d/dw = 3 everywhere; differentiating x**2 would give 2 x.
+    assert tree_allclose(got[0], jnp.full(_W.shape, 3.0))
+
+
+def test_logsumexp_jvp():
+    v = Scaled(jnp.array([1.0, 2.0, 3.0]), jnp.asarray(2.0))
+    fn = lambda x: jax.nn.logsumexp(x)
+
+    def f(factor, quaxed):
+        x = Scaled(v.array, factor)
+        return quax.quaxify(fn)(x) if quaxed else fn(densify(x))
+
+    got = jax.jvp(lambda s: f(s, True), (2.0,), (1.0,))
+    expected = jax.jvp(lambda s: f(s, False), (2.0,), (1.0,))
+    assert tree_allclose(got, expected)
+
+
+def test_clip_grad_of_scaled_under_jit_and_vmap():
+    def loss(factor, quaxed):
+        x = Scaled(jnp.array([1.0, -2.0, 3.0]), factor)
+        fn = lambda x: jnp.sum(clip_grad(x * x))
+        return quax.quaxify(fn)(x) if quaxed else fn(densify(x))
+
+    factors = jnp.array([0.5, 2.0])
+    got = jax.jit(jax.vmap(jax.grad(lambda s: loss(s, True))))(factors)
+    expected = jax.vmap(jax.grad(lambda s: loss(s, False)))(factors)
+    assert tree_allclose(got, expected)
+
+
+def test_primal_keeps_handlers_inside():
+    # The primal of a custom_jvp function is walked: Scaled.neg runs there, and the
+    # result equals the dense one.
+    @jax.custom_jvp
+    def f(x):
+        return -x
+
+    f.defjvp(lambda p, t: (-p[0], -t[0]))
+    v = Scaled(jnp.ones(3), jnp.asarray(2.0))
+    assert tree_allclose(quax.quaxify(f)(v), -densify(v))
