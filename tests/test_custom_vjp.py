@@ -1,0 +1,104 @@
+"""`custom_vjp_call`: custom VJP rules survive quaxify (issue 3)."""
+
+import functools as ft
+
+import jax
+import jax.numpy as jnp
+import pytest
+from builders import LowRank, Scaled
+from helpers import densify, tree_allclose
+
+import quax
+
+
+@jax.custom_vjp
+def clip_gradient(x):
+    """The identity whose cotangent is clipped to [-0.5, 0.5]."""
+    return x
+
+
+clip_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.5, 0.5),))
+
+
+@ft.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scaled_tanh(x, power):
+    """tanh(x) ** power whose backward pass ignores the power (deliberately wrong)."""
+    return jnp.tanh(x) ** power
+
+
+def _scaled_tanh_fwd(x, power):
+    return jnp.tanh(x) ** power, x
+
+
+def _scaled_tanh_bwd(power, x, g):
+    return (g * (1.0 - jnp.tanh(x) ** 2),)
+
+
+scaled_tanh.defvjp(_scaled_tanh_fwd, _scaled_tanh_bwd)
+
+
+@jax.custom_vjp
+def mul_two(x, y):
+    return x * y
+
+
+mul_two.defvjp(lambda x, y: (x * y, (x, y)), lambda r, g: (2.0 * g * r[1], g * r[0]))
+
+
+_W = jnp.array([[-1.0, 2.0, 0.5], [3.0, -0.5, 0.0]])
+_A = jnp.array([[1.0], [0.5]])
+_B = jnp.array([[1.0, -2.0, 0.5]])
+
+
+def _lowrank_grads(fn):
+    def loss(w, a, b, quaxed):
+        v = LowRank(w, a, b)
+        out = quax.quaxify(fn)(v) if quaxed else fn(densify(v))
+        return jnp.sum(out * jnp.arange(1.0, 4.0)[None, :])
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(_W, _A, _B, True)
+    expected = jax.grad(loss, argnums=(0, 1, 2))(_W, _A, _B, False)
+    return got, expected
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [clip_gradient, lambda x: scaled_tanh(x, 3.0), lambda x: mul_two(x, x + 1.0)],
+    ids=["clip_gradient", "nondiff_argnums", "two_operands"],
+)
+def test_grad_through_custom_vjp_of_lowrank(fn):
+    got, expected = _lowrank_grads(fn)
+    assert tree_allclose(got, expected)
+
+
+def test_clipping_happens():
+    got, _ = _lowrank_grads(clip_gradient)
+    # The cotangent is arange(1, 4) per row, clipped to 0.5 by the rule.
+    assert tree_allclose(got[0], jnp.full(_W.shape, 0.5))
+
+
+def test_custom_vjp_with_value_and_plain_operands_under_jit_vmap():
+    def loss(factor, y, quaxed):
+        x = Scaled(jnp.array([1.0, -2.0, 3.0]), factor)
+        fn = lambda x, y: jnp.sum(mul_two(x, y))
+        return quax.quaxify(fn)(x, y) if quaxed else fn(densify(x), y)
+
+    factors, y = jnp.array([0.5, 2.0]), jnp.array([1.0, 2.0, 3.0])
+    grad = lambda q: jax.vmap(
+        jax.grad(lambda s, y: loss(s, y, q), argnums=(0, 1)), (0, None)
+    )
+    assert tree_allclose(jax.jit(grad(True))(factors, y), grad(False)(factors, y))
+
+
+def test_primal_value_and_vjp_function():
+    v = Scaled(jnp.array([0.5, -1.0]), jnp.asarray(3.0))
+
+    def f(s, quaxed):
+        x = Scaled(v.array, s)
+        return quax.quaxify(clip_gradient)(x) if quaxed else clip_gradient(densify(x))
+
+    out, pull = jax.vjp(lambda s: f(s, True), 3.0)
+    out_d, pull_d = jax.vjp(lambda s: f(s, False), 3.0)
+    assert tree_allclose(out, out_d)
+    ct = jnp.array([2.0, -0.1])
+    assert tree_allclose(pull(ct), pull_d(ct))
