@@ -14,7 +14,11 @@ from ._errors import (
     QuaxifyTypeError as QuaxifyTypeError,
 )
 from ._quaxify import quaxify as quaxify
-from ._values import ArrayValue as ArrayValue, Value as Value, handler_name as handler_name
+from ._values import (
+    ArrayValue as ArrayValue,
+    Value as Value,
+    handler_name as handler_name,
+)
 
 
 __version__ = _metadata.version("quax")

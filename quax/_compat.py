@@ -87,3 +87,8 @@ def convert_constvars_jaxpr(jaxpr: Any) -> Any:
     from jax._src.interpreters.partial_eval import convert_constvars_jaxpr as convert
 
     return convert(jaxpr)
+
+
+def jit_disabled() -> bool:
+    """Whether `jax.disable_jit()` is active (a config option with no typed accessor)."""
+    return bool(jax.config.jax_disable_jit)  # pyright: ignore[reportAttributeAccessIssue]

@@ -147,7 +147,9 @@ def handler_operands(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     for var, x in zip(eqn.invars, invals, strict=True):
         if isinstance(x, np.ndarray | np.generic):
             aval = var.aval
-            x = _compat.weak_scalar_like(x, aval.dtype, getattr(aval, "weak_type", False))
+            x = _compat.weak_scalar_like(
+                x, aval.dtype, getattr(aval, "weak_type", False)
+            )
         out.append(x)
     return out
 
@@ -180,9 +182,7 @@ def _overrides_default(cls: type) -> bool:
     return getattr(cls, "default", None) is not Value.__dict__["default"].__func__
 
 
-def try_defaults(
-    eqn: Any, operands: Sequence[Any], bind_params: dict[str, Any]
-) -> Any:
+def try_defaults(eqn: Any, operands: Sequence[Any], bind_params: dict[str, Any]) -> Any:
     """Step 5a: ask each candidate class that overrides `default`."""
     for cls, _ in candidates(operands):
         if not _overrides_default(cls):
@@ -295,4 +295,3 @@ def _shape_dtype_match(got: Any, expected: Any) -> bool:
         and tuple(got.shape) == tuple(expected.shape)
         and got.dtype == expected.dtype
     )
-

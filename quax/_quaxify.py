@@ -1,14 +1,15 @@
 """`quaxify`: partition the inputs, trace to a jaxpr, walk it, rebuild the outputs."""
 
-import functools as ft
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.tree_util as jtu
 import numpy as np
 
+from . import _compat
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
 from ._values import Value, is_value
 from ._walker import TraceCache, walk_closed
@@ -32,11 +33,11 @@ def _is_array(x: Any) -> bool:
 
 
 class _Quaxify(eqx.Module, Generic[_T]):
-    fn: _T
+    fn: Callable[..., Any]
     filter_spec: Any = eqx.field(static=True)
 
     @property
-    def __wrapped__(self) -> _T:
+    def __wrapped__(self) -> Callable[..., Any]:
         return self.fn
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
@@ -92,7 +93,7 @@ def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] |
     """Eager calls (every input concrete) run the walked program compiled, cached per
     trace, unless `jax.disable_jit()` is on or a handler needs concrete values; then
     None, and the caller walks op by op."""
-    if meta.compiled is False or jax.config.jax_disable_jit:
+    if meta.compiled is False or _compat.jit_disabled():
         return None
     if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(fed)):
         return None
@@ -128,7 +129,10 @@ def _trace(leaves, treedef, passthrough, positions, avals):
     keep = tuple(k for k, i in enumerate(positions) if is_value(leaves[i]))
     with jax.ensure_compile_time_eval():
         closed, meta = _make_jaxpr(
-            leaves, treedef, passthrough, [positions[k] for k in keep],
+            leaves,
+            treedef,
+            passthrough,
+            [positions[k] for k in keep],
             [specs[k] for k in keep],
         )
     return (closed, _Meta(keep, *meta)), False

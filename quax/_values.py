@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.numpy as jnp
 import numpy as np
@@ -331,7 +332,9 @@ class ArrayValue(Value):
 
 
 def _operand_ok(x: Any) -> bool:
-    return isinstance(x, Value | jax.Array | np.ndarray | np.generic | int | float | complex)
+    return isinstance(
+        x, Value | jax.Array | np.ndarray | np.generic | int | float | complex
+    )
 
 
 @ft.cache

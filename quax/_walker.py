@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.extend.source_info_util as source_info_util
 
@@ -80,10 +81,11 @@ def eqn_context(eqn: Any) -> Iterator[None]:
 def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list:
     """Bind `eqn`'s primitive on `invals` as `eval_jaxpr` would; always a list."""
     prim = eqn.primitive
-    if params is None:
-        params = prim.get_bind_params(eqn.params)
+    bind_params: dict[str, Any] = (
+        prim.get_bind_params(eqn.params) if params is None else params
+    )
     with eqn_context(eqn):
-        out = prim.bind(*invals, **params)
+        out = prim.bind(*invals, **bind_params)
     return list(out) if prim.multiple_results else [out]
 
 

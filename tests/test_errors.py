@@ -69,7 +69,9 @@ def test_no_handler_names_primitive_types_handlers_and_line():
 
 
 def test_no_handler_lists_both_operand_types():
-    with pytest.raises(quax.NoHandlerError, match=r"`mul` on operands \(Unitful, Array\)"):
+    with pytest.raises(
+        quax.NoHandlerError, match=r"`mul` on operands \(Unitful, Array\)"
+    ):
         quax.quaxify(lambda u, x: u * x)(Unitful(jnp.ones(3)), jnp.ones(3))
 
 
@@ -90,7 +92,9 @@ def test_handler_wrong_shape():
 
 
 def test_handler_wrong_dtype():
-    with pytest.raises(quax.HandlerResultError, match=r"WrongShape\.sin returned int32"):
+    with pytest.raises(
+        quax.HandlerResultError, match=r"WrongShape\.sin returned int32"
+    ):
         quax.quaxify(lambda v: jnp.sin(v))(WrongShape(jnp.ones(3)))
 
 

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builders import Ruleless, Scaled
 
 import quax
-
-from builders import Ruleless, Scaled
 
 
 x = jnp.arange(1.0, 7.0).reshape(2, 3)
@@ -76,7 +75,13 @@ def test_matmul_both_sides():
 def test_integer_operators():
     i = Ruleless(jnp.arange(6, dtype=jnp.int32))
     dense = jnp.arange(6, dtype=jnp.int32)
-    for op in (operator.and_, operator.or_, operator.xor, operator.lshift, operator.rshift):
+    for op in (
+        operator.and_,
+        operator.or_,
+        operator.xor,
+        operator.lshift,
+        operator.rshift,
+    ):
         np.testing.assert_array_equal(op(i, 1), op(dense, 1))
     np.testing.assert_array_equal(~i, ~dense)
 

@@ -10,6 +10,7 @@ leaf avals): a block called 32 times with the same LoRA weights is walked once.
 from typing import Any
 
 import jax
+import jax.core
 
 from .. import _compat
 from .._walker import TraceCache, bind, register, walk_closed
