@@ -84,7 +84,13 @@ def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) 
     bind_params: dict[str, Any] = (
         prim.get_bind_params(eqn.params) if params is None else params
     )
-    with eqn_context(eqn):
+    info = eqn.source_info
+    # `eqn_context`, inlined: this is the per-equation fast path.
+    name_stack = source_info_util.current_name_stack() + info.name_stack
+    with (
+        source_info_util.user_context(info.traceback, name_stack=name_stack),
+        eqn.ctx.manager,
+    ):
         out = prim.bind(*invals, **bind_params)
     return list(out) if prim.multiple_results else [out]
 
