@@ -26,9 +26,10 @@ cond_p = _prims.cond_p
 while_p = _prims.while_p
 scan_p = _prims.scan_p
 remat_p = _prims.remat_p
-closed_call_p = _prims.closed_call_p
-call_p = _prims.call_p
-name_p = _prims.name_p
+# May be aliases of one `eval_jaxpr_p` after JAX 0.11.0, or gone: None is skipped.
+closed_call_p = getattr(_prims, "closed_call_p", None)
+call_p = getattr(_prims, "call_p", None)
+name_p = getattr(_prims, "name_p", None)
 stop_gradient_p = getattr(_prims, "stop_gradient_p", None)
 
 
