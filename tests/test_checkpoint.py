@@ -174,3 +174,15 @@ def test_no_handler_error_names_the_primitive():
 
     with pytest.raises(quax.NoHandlerError, match="custom_linear_solve"):
         quax.quaxify(fn)(Opaque(jnp.eye(2)), jnp.ones(2))
+
+
+def test_shard_map_materialises(getkey):
+    from jax.sharding import AxisType, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("i",), axis_types=(AxisType.Auto,))
+    spec = PartitionSpec("i")
+    fn = jax.shard_map(
+        lambda x: x * 2.0 + 1.0, mesh=mesh, in_specs=spec, out_specs=spec
+    )
+    value = Scaled(jnp.arange(4.0), jnp.asarray(3.0))
+    assert tree_allclose(quax.quaxify(fn)(value), fn(densify(value)))
