@@ -1,6 +1,7 @@
 """Callbacks: values are materialised before they leave JAX (issue 3)."""
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import pytest

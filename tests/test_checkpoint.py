@@ -3,6 +3,7 @@
 handler (issue 3)."""
 
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.numpy as jnp
 import pytest

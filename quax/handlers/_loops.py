@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.tree_util as jtu
 
 from .. import _compat
 from .._errors import _MSG_BUG, HandlerResultError, QuaxBugError, describe_aval
-from .._values import Value
+from .._values import ArrayValue
 from .._walker import register, walk_closed
 from ._common import abstract_call, dense, leaf_type, value_types
 
@@ -76,7 +77,7 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         x = [_check_slice(s, full) for s, full in zip(x, xs, strict=True)]
         outs = walk_closed(body, [*consts, *carry, *x])
         ys = outs[n_carry:]
-        stack_ys.append(tuple(isinstance(y, Value) and y.scan_leafwise() for y in ys))
+        stack_ys.append(tuple(_opts_in(y) for y in ys))
         return outs[:n_carry], ys
 
     x_specs = [_slice_spec(x) for x in xs]
@@ -97,7 +98,7 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         unroll=params["unroll"],
     )
     for y, var in zip(ys, eqn.outvars[n_carry:], strict=True):
-        if isinstance(y, Value):
+        if isinstance(y, ArrayValue):
             _check_aval(y, var.aval, "the stacked `ys`")
     return [*new_carry, *ys]
 
@@ -131,13 +132,17 @@ def _densify_at(vals: Sequence[Any], where: frozenset[int]) -> list[Any]:
 def _slices_leafwise(x: Any, length: int) -> bool:
     """A value as `xs` is sliced leaf by leaf only if its class opts in and every
     leaf has the scanned axis."""
-    if not isinstance(x, Value) or not x.scan_leafwise():
+    if not _opts_in(x):
         return False
     leaves = jtu.tree_leaves(x)
     return bool(leaves) and all(
         len(shape) >= 1 and shape[0] == length
         for shape, _ in (leaf_type(leaf) for leaf in leaves)
     )
+
+
+def _opts_in(x: Any) -> bool:
+    return isinstance(x, ArrayValue) and bool(x.scan_leafwise())
 
 
 def _slice_spec(x: Any) -> Any:
@@ -149,14 +154,14 @@ def _slice_spec(x: Any) -> Any:
 
 
 def _check_slice(piece: Any, full: Any) -> Any:
-    if isinstance(piece, Value):
+    if isinstance(piece, ArrayValue):
         aval = full.aval()
         expected = jax.core.ShapedArray(tuple(aval.shape)[1:], aval.dtype)
         _check_aval(piece, expected, "one slice along axis 0")
     return piece
 
 
-def _check_aval(x: Value, expected: Any, what: str) -> None:
+def _check_aval(x: ArrayValue, expected: Any, what: str) -> None:
     got = x.aval()
     if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
         raise HandlerResultError(
