@@ -136,11 +136,14 @@ def make_lora(w: Any, a: Any, b: Any) -> Any:
     """A LoraArray with exactly these `w`, `a`, `b` (rank from `a`)."""
     import jax.random as jr
 
-    lora = lora_module().LoraArray(w, rank=a.shape[-1], key=jr.key(0))
-    field = "_w" if hasattr(lora, "_w") else "w"
-    return eqx.tree_at(
-        lambda t: (getattr(t, field), t.a, t.b), lora, (w, a, b), is_leaf=None
-    )
+    template = lora_module().LoraArray(w, rank=a.shape[-1], key=jr.key(0))
+    return with_parts(template, w, a, b)
+
+
+def with_parts(template: Any, w: Any, a: Any, b: Any) -> Any:
+    """`template` (a LoraArray) with its `w`, `a`, `b` replaced; works under a trace."""
+    field = "_w" if hasattr(template, "_w") else "w"
+    return eqx.tree_at(lambda t: (getattr(t, field), t.a, t.b), template, (w, a, b))
 
 
 def trainable(model: Any) -> Any:

@@ -7,6 +7,7 @@ each virtual environment. Library differences live in `_adapters.py`.
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -45,22 +46,32 @@ def interleave(
 
     A variant is a zero-argument callable, or `(setup, fn)` where `setup()` runs
     untimed before each timing. `number` calls are timed together (for calls too
-    short to time singly). Warm-up rounds are not recorded."""
+    short to time singly). Warm-up rounds are not recorded. As in `timeit`, the
+    garbage collector is off during a timing (it runs, untimed, before each)."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            v = variants[name]
-            setup, fn = v if isinstance(v, tuple) else (None, v)
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            dt = (time.perf_counter() - t0) / number
-            if r >= warmup:
-                times[name].append(dt)
+    gc_was_enabled = gc.isenabled()
+    try:
+        for r in range(warmup + rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                v = variants[name]
+                setup, fn = v if isinstance(v, tuple) else (None, v)
+                if setup is not None:
+                    setup()
+                # As `timeit`: no garbage collection inside a timing; collect between.
+                gc.collect()
+                gc.disable()
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                dt = (time.perf_counter() - t0) / number
+                gc.enable()
+                if r >= warmup:
+                    times[name].append(dt)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return times
 
 

@@ -28,7 +28,7 @@ def chain(n: int):
 
 def run(mode: str = "full") -> Results:
     n = {"full": 2000, "quick": 500, "tiny": 20}[mode]
-    rounds = {"full": 15, "quick": 4, "tiny": 1}[mode]
+    rounds = {"full": 21, "quick": 4, "tiny": 1}[mode]
     res = Results(
         "dispatch_overhead", f"chain of {n} primitives next to one value", mode
     )

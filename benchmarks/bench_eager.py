@@ -4,7 +4,8 @@ against the plain model called eagerly and against a warm `jax.jit` of the plain
 
 The models are LoRA'd (every Linear) where the library has LoRA, else carry one
 rule-less `Box` weight (materialised where it is used). The jitted dense model takes
-its parameters as arguments (`eqx.partition`), as `eqx.filter_jit` does.
+its parameters as arguments (`eqx.partition`), as `eqx.filter_jit` does. For the MLP,
+also both eager calls under `jax.disable_jit()`, where quax walks op by op.
 """
 
 import equinox as eqx
@@ -43,7 +44,7 @@ def run(mode: str = "full") -> Results:
     res = Results("eager", f"warm eager calls ({kind})", mode)
     key = jr.key(0)
     cases = {
-        "full": [("mlp", 15), ("transformer", 5)],
+        "full": [("mlp", 21), ("transformer", 7)],
         "quick": [("mlp", 5), ("transformer", 2)],
         "tiny": [("mlp_tiny", 1)],
     }[mode]
@@ -65,6 +66,10 @@ def run(mode: str = "full") -> Results:
             "quax": lambda qmodel=qmodel, x=x: block(qmodel(x)),
             "jit": lambda jitted=jitted, p=params, x=x: block(jitted(p, x)),
         }
+        if name != "transformer":
+            # The op-by-op path: `jax.disable_jit()` turns every compiled call off.
+            variants["plain_nojit"] = lambda model=model, x=x: nojit(model, x)
+            variants["quax_nojit"] = lambda qmodel=qmodel, x=x: nojit(qmodel, x)
         times = interleave(variants, rounds, number=3 if name == "mlp" else 1)
         res.add_time(f"{name}_jit_ms", f"{desc}: jax.jit(dense), warm", times["jit"])
         res.add_time(f"{name}_eager_ms", f"{desc}: plain eager", times["plain_eager"])
@@ -83,7 +88,18 @@ def run(mode: str = "full") -> Results:
             f"{desc}: quaxify / plain eager",
             ratios(times["quax"], times["plain_eager"]),
         )
+        if "quax_nojit" in times:
+            res.add_ratio(
+                f"{name}_nojit_vs_eager",
+                f"{desc}: under jax.disable_jit(), quaxify / plain",
+                ratios(times["quax_nojit"], times["plain_nojit"]),
+            )
     return res
+
+
+def nojit(fn, x):
+    with jax.disable_jit():
+        return block(fn(x))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def valueify(layer: eqx.nn.Linear, key) -> eqx.nn.Linear:
 def run(mode: str = "full") -> Results:
     calls = {"full": 32, "quick": 32, "tiny": 4}[mode]
     width = {"full": 256, "quick": 256, "tiny": 16}[mode]
-    rounds = {"full": 9, "quick": 3, "tiny": 1}[mode]
+    rounds = {"full": 15, "quick": 3, "tiny": 1}[mode]
     kind = "LoraArray" if have_lora() else "Box (rule-less)"
     res = Results("jit_reuse", f"a jitted block called {calls} times ({kind})", mode)
     keys = jr.split(jr.key(0), 2 * calls)

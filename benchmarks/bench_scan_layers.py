@@ -50,7 +50,7 @@ def full_weights(closed, d: int) -> list[str]:
 
 def run(mode: str = "full") -> Results:
     layers, d = {"full": (16, 256), "quick": (16, 256), "tiny": (2, 16)}[mode]
-    rounds = {"full": 9, "quick": 3, "tiny": 1}[mode]
+    rounds = {"full": 15, "quick": 3, "tiny": 1}[mode]
     res = Results("scan_layers", f"scan over {layers} stacked LoRA layers, d={d}", mode)
     stack = stacked_linears(layers, d, jr.key(0))
     lora = loraify(stack, rank=8, key=jr.key(1))

@@ -55,8 +55,9 @@ def run(mode: str = "full") -> Results:
     if mode == "tiny":
         measure(res, "mlp", "MLP 2x16", mlp(2, 16, key=key), jnp.ones(16), 1)
         return res
-    rounds = 7 if mode == "full" else 2
-    measure(res, "mlp", "MLP 8x512", mlp(8, 512, key=key), jnp.ones(512), rounds)
+    rounds = 9 if mode == "full" else 2
+    mlp_rounds = 15 if mode == "full" else 2
+    measure(res, "mlp", "MLP 8x512", mlp(8, 512, key=key), jnp.ones(512), mlp_rounds)
     measure(
         res,
         "transformer",
@@ -72,7 +73,8 @@ def run(mode: str = "full") -> Results:
         lora_model = loraify(model, rank=8, key=jr.key(1))
         ls = lowerers(model, lora_model, jnp.ones(256))
         times = interleave(
-            {"plain": ls["plain"], "first": ls["first"]}, max(rounds - 2, 2)
+            {"plain": ls["plain"], "first": ls["first"]},
+            max(rounds - 2, 2) if depth < 32 else max(rounds - 4, 2),
         )
         desc = f"sweep depth {depth:2d}"
         res.add_time(f"sweep{depth}_plain_ms", f"{desc}: plain", times["plain"])

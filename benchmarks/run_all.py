@@ -85,7 +85,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_one(py: str, bench: str, quick: bool) -> bool:
+def run_one(py: str, bench: str, tag: str, quick: bool) -> bool:
+    """Run one script; its old result is removed first, so a failure never leaves
+    a stale figure in the table."""
+    path = os.path.join(RESULTS, f"{bench}.{tag}.json")
+    if os.path.exists(path):
+        os.remove(path)
     cmd = [py, os.path.join(HERE, f"bench_{bench}.py")] + (["--quick"] if quick else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), cwd=HERE)
@@ -141,9 +146,49 @@ def side_by_side(benches: tuple[str, ...]) -> list[str]:
             if o is not None and "target" in o:
                 target = f"{o['target']}: {'met' if o['met'] else '**missed**'}"
             lines.append(f"| {desc} | {fmt(o)} | {fmt(t)} | {target} |")
-        for res, name in ((ours, "quax"), (theirs, "Quax")):
-            for note in (res or {}).get("notes", []):
-                lines.append(f"\n_{name}: {note}_")
+        notes = [
+            f"- {name}: {note}"
+            for res, name in ((ours, "quax"), (theirs, f"Quax {QUAX_VERSION}"))
+            for note in (res or {}).get("notes", [])
+        ]
+        lines += [""] + notes if notes else []
+    return lines
+
+
+#: The rows of the short table (README's Performance section): (bench, key, label).
+HEADLINE = (
+    ("trace", "mlp_first_ratio", "trace+lower, LoRA MLP 8x512 / plain"),
+    ("trace", "transformer_first_ratio", "trace+lower, LoRA transformer / plain"),
+    ("trace", "transformer_repeat_ratio", "same, library caches warm / plain"),
+    ("trace", "sweep32_ratio", "trace+lower, LoRA MLP depth 32 / plain"),
+    ("jit_reuse", "same_walks", "jitted block x32: walks of its body"),
+    ("jit_reuse", "same_ratio", "jitted block x32: trace / plain"),
+    ("scan_layers", "fwd_full_weights", "scan over stacked LoRA: d x d weights formed"),
+    ("scan_layers", "ratio", "scan over stacked LoRA: trace / plain"),
+    ("dispatch_overhead", "first_ratio", "2000-eqn chain, first trace / plain"),
+    ("dispatch_overhead", "repeat_ratio", "2000-eqn chain, repeated trace / plain"),
+    ("eager", "mlp_vs_jit", "eager LoRA MLP / warm jit(dense)"),
+    ("eager", "transformer_vs_jit", "eager LoRA transformer / warm jit(dense)"),
+    ("eager", "transformer_vs_eager", "eager LoRA transformer / plain eager"),
+    ("lora_runtime", "d1024_fwdbwd_vs_hand", "LoRA fwd+bwd d=1024 / hand-written"),
+    ("lora_runtime", "d2048_fwdbwd_vs_hand", "LoRA fwd+bwd d=2048 / hand-written"),
+    ("lora_runtime", "d2048_fwdbwd_vs_mat", "LoRA fwd+bwd d=2048 / materialised"),
+    ("lora_runtime", "d2048_mem_vs_full", "LoRA step peak memory / full fine-tune"),
+    ("zero", "chain_ratio", "Zero: equations left in a 32-step chain"),
+)
+
+
+def headline() -> list[str]:
+    lines = [f"| | quax | Quax {QUAX_VERSION} |", "|---|---|---|"]
+    for bench, key, label in HEADLINE:
+        cells = []
+        for tag in (OURS, THEIRS):
+            res = load(bench, tag)
+            row = (
+                next((r for r in res["rows"] if r["key"] == key), None) if res else None
+            )
+            cells.append(fmt(row))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -219,27 +264,31 @@ def main() -> int:
     benches = tuple(b for b in BENCHES if not args.only or b in args.only.split(","))
     t0 = time.perf_counter()
     theirs_py = None if args.no_quax else ensure_quax_venv()
-    ok = True
+    failed = []
     for bench in benches:
         print(f"\n##### {bench}", flush=True)
-        ok &= run_one(sys.executable, bench, args.quick)
-        if theirs_py is not None:
-            ok &= run_one(theirs_py, bench, args.quick)
+        if not run_one(sys.executable, bench, OURS, args.quick):
+            failed.append(f"{bench} (quax)")
+        if theirs_py is not None and not run_one(theirs_py, bench, THEIRS, args.quick):
+            failed.append(f"{bench} (Quax {QUAX_VERSION})")
     import jax
 
     first = load(benches[0], OURS)
     device = first["device"] if first else "?"
     mode = "quick" if args.quick else "full"
     lines = [f"Measured on {device}, jax {jax.__version__}, {mode} run."]
-    lines += side_by_side(benches)
+    if failed:
+        lines += ["", "**Failed** (see the log above): " + ", ".join(failed)]
+    lines += ["", "**Headline**", ""] + headline()
     lines += ["", "**Targets**"] + targets()
+    lines += ["", "**Every figure**"] + side_by_side(benches)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
         f.write(text)
     print("\n" + "=" * 80 + "\nquax vs Quax " + QUAX_VERSION + "\n" + text)
     total = time.perf_counter() - t0
     print(f"total {total:.0f} s; the table is in benchmarks/results/summary.md")
-    return 0 if ok else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
