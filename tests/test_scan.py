@@ -57,7 +57,9 @@ def test_scan_over_layers_grad(getkey):
         return jnp.sum(carry) + jnp.sum(ys)
 
     got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws.a, ws.b, True)
-    expected = jax.grad(loss, argnums=(0, 1))(ws.a, ws.b, False)
+    expected = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+        ws.a, ws.b, False
+    )
     assert tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -146,7 +148,7 @@ def test_reverse_and_unroll(reverse, getkey):
     assert_matches_dense(fn, value)
 
 
-@pytest.mark.parametrize("mode", ("jit_outside", "grad", "vmap"))
+@pytest.mark.parametrize("mode", ("grad", "vmap"))
 def test_fori_loop_static_bounds_and_map(mode, getkey):
     value, _ = BUILDERS["scaled"](getkey())
 

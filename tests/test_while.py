@@ -83,7 +83,7 @@ def test_value_as_condition_constant(getkey):
     assert tree_allclose(out, fn(densify(limit), jnp.zeros(2)))
 
 
-@pytest.mark.parametrize("mode", ("eager", "jit_outside", "vmap"))
+@pytest.mark.parametrize("mode", ("eager", "vmap"))
 def test_fori_loop_dynamic_bounds(mode, getkey):
     value, _ = BUILDERS["nested"](getkey())
     fn = lambda n, x: jax.lax.fori_loop(0, n, lambda i, c: c * 0.5 + i, x)
