@@ -8,6 +8,7 @@ through any leaf, one barrier over all leaves, every leaf named for the remat po
 
 from typing import Any
 
+import jax
 import jax.tree_util as jtu
 
 from .. import _compat
@@ -15,8 +16,15 @@ from .._walker import register
 from ._common import flatten_operands, unflatten_operands
 
 
-@register(_compat.stop_gradient_p, _compat.name_p)
-def leafwise_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+@register(_compat.stop_gradient_p)
+def stop_gradient_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    (operand,) = invals
+    # The public function skips integer and key leaves, as JAX does for arrays.
+    return [jtu.tree_map(jax.lax.stop_gradient, operand)]
+
+
+@register(_compat.name_p)
+def name_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     prim, params = eqn.primitive, eqn.params
     (operand,) = invals
     return [jtu.tree_map(lambda leaf: prim.bind(leaf, **params), operand)]
