@@ -157,3 +157,17 @@ def test_fori_loop_static_bounds_and_map(mode, getkey):
         return jax.lax.map(jnp.sin, x)
 
     assert_matches_dense(fn, value, jnp.ones((3, 4)), mode=mode)
+
+
+def test_scan_over_stacked_lora_layers(getkey):
+    # LoraArray refuses to materialise by default: this only runs if the scan slices
+    # the stack layer by layer and LoRA's `dot_general` runs in the body.
+    from quax.lora import LoraArray
+
+    weights = jax.random.normal(getkey(), (3, 4, 4))
+    lora = LoraArray(weights, rank=2, key=getkey())
+    lora = eqx.tree_at(lambda t: t.b, lora, jax.random.normal(getkey(), lora.b.shape))
+    x = jnp.ones((2, 4))
+    out = quax.quaxify(_layers)(lora, x)
+    dense = weights + lora.a @ lora.b
+    assert tree_allclose(out, _layers(dense, x), rtol=1e-4, atol=1e-4)

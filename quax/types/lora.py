@@ -139,6 +139,12 @@ class LoraArray(ArrayValue):
     def _with(self, w: Array, a: Array, b: Array) -> "LoraArray":
         return eqx.tree_at(lambda x: (x.w, x.a, x.b), self, (w, a, b))
 
+    def scan_leafwise(self) -> bool:
+        """A stack of adapted matrices (`w` of shape `(layers, ..., n, m)`) is scanned
+        over one `LoraArray` per layer, so LoRA's handlers run in the scanned body; a
+        single matrix (whose `b` has no layer axis) never is."""
+        return self.w.ndim >= 3
+
     # -- linear algebra --
 
     def dot_general(self, other: ArrayLike, /, *, dimension_numbers, **params):
