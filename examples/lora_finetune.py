@@ -260,7 +260,7 @@ def _plot(pretrain_losses, finetune_losses, out_dir) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--out-dir", default="demo_output")

@@ -4,6 +4,7 @@ import re
 
 import equinox as eqx
 import jax
+import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
@@ -280,7 +281,7 @@ def test_full_model_gradient_computes_nothing_for_frozen_w(getkey):
 def _all_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in jexc.jaxprs_in_params(eqn.params):
             yield from _all_eqns(sub)
 
 
@@ -338,7 +339,7 @@ def test_loraify_where_selects_layers(where, getkey):
 
 def test_loraify_rejects_bad_where(getkey):
     with pytest.raises(TypeError, match=re.escape("loraify(where=...)")):
-        loraify(_mlp(getkey()), rank=2, key=getkey(), where=3)
+        loraify(_mlp(getkey()), rank=2, key=getkey(), where=3)  # pyright: ignore[reportArgumentType]
 
 
 def test_alpha_scales_the_update(getkey):

@@ -12,6 +12,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp
@@ -225,7 +226,7 @@ class Zero(ArrayValue):
 
 
 def _struct(x: Any) -> jax.ShapeDtypeStruct:
-    aval = x.aval() if isinstance(x, Value) else jax.typeof(x)
+    aval: Any = x.aval() if isinstance(x, Value) else jax.typeof(x)
     return jax.ShapeDtypeStruct(
         aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)
     )
@@ -268,7 +269,7 @@ def _fit(x: Any, out: jax.ShapeDtypeStruct) -> Any:
     if isinstance(x, Zero):
         return _zero(out)
     if isinstance(x, Value):
-        aval = x.aval()
+        aval: Any = x.aval()
         same = tuple(aval.shape) == tuple(out.shape) and aval.dtype == out.dtype
         return x if same else NotImplemented
     x = jnp.asarray(x)
