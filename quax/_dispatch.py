@@ -42,7 +42,13 @@ from ._errors import (
     list_names,
     type_names,
 )
-from ._values import Value, handler_name, materialise, primitive_handler_names
+from ._values import (
+    Value,
+    aval_of,
+    handler_name,
+    materialise,
+    primitive_handler_names,
+)
 
 
 def candidates(operands: Sequence[Any]) -> list[tuple[type, int]]:
@@ -280,7 +286,7 @@ def check_results(eqn: Any, where: str, result: Any) -> list[Any]:
 
 def _aval_of(x: Any) -> Any:
     if isinstance(x, Value):
-        return x.aval()
+        return aval_of(x)
     try:
         return jax.typeof(x)
     except TypeError:

@@ -1,7 +1,7 @@
 """`quaxify`: partition the inputs, trace to a jaxpr, walk it, rebuild the outputs."""
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -11,11 +11,9 @@ import numpy as np
 
 from . import _compat
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
-from ._values import Value, is_value
+from ._values import Value, aval_of, is_value
 from ._walker import TraceCache, walk_closed
 
-
-_T = TypeVar("_T")
 
 #: Traces of quaxified functions, shared by every `quaxify` wrapper.
 TRACES = TraceCache()
@@ -32,7 +30,7 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
-class _Quaxify(eqx.Module, Generic[_T]):
+class _Quaxify(eqx.Module):
     fn: Callable[..., Any]
     filter_spec: Any = eqx.field(static=True)
 
@@ -47,7 +45,12 @@ class _Quaxify(eqx.Module, Generic[_T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tree = (self.fn, args, kwargs)
-        dynamic, passthrough = eqx.partition(tree, self.filter_spec, is_leaf=is_value)
+        if self.filter_spec is True:
+            dynamic, passthrough = tree, None  # `eqx.partition` costs ms on big models
+        else:
+            dynamic, passthrough = eqx.partition(
+                tree, self.filter_spec, is_leaf=is_value
+            )
         leaves, treedef = jtu.tree_flatten(dynamic, is_leaf=is_value)
         if not any(isinstance(x, Value) for x in leaves):
             return self.fn(*args, **kwargs)  # nothing to dispatch on: the original
@@ -57,7 +60,7 @@ class _Quaxify(eqx.Module, Generic[_T]):
 def _call(leaves: list[Any], treedef: Any, passthrough: Any) -> Any:
     positions = [i for i, x in enumerate(leaves) if is_value(x) or _is_array(x)]
     inputs = [leaves[i] for i in positions]
-    avals = [x.aval() if is_value(x) else jax.typeof(x) for x in inputs]
+    avals = [aval_of(x) if is_value(x) else jax.typeof(x) for x in inputs]
     key = _trace_key(leaves, treedef, passthrough, positions, avals)
     entry = TRACES.get(key)
     cached = entry is not None
@@ -145,9 +148,10 @@ def _make_jaxpr(leaves, treedef, passthrough, positions, specs):
         new_leaves = list(leaves)
         for i, x in zip(positions, dyn, strict=True):
             new_leaves[i] = x
-        fn, args, kwargs = eqx.combine(
-            jtu.tree_unflatten(treedef, new_leaves), passthrough, is_leaf=is_value
-        )
+        tree = jtu.tree_unflatten(treedef, new_leaves)
+        if passthrough is not None:
+            tree = eqx.combine(tree, passthrough, is_leaf=is_value)
+        fn, args, kwargs = tree
         out = fn(*args, **kwargs)
         out_leaves, out_treedef = jtu.tree_flatten(out)
         out_positions = [i for i, x in enumerate(out_leaves) if eqx.is_array(x)]

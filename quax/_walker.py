@@ -121,27 +121,36 @@ def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
 def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     """Evaluate the (open) `jaxpr` on `consts` and `args`, any of which may be values."""
     env: dict[Any, Any] = {}
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jexc.Literal) else env[v]
-
+    literal, value = jexc.Literal, Value  # locals: this loop is the hot path
+    current_name_stack = source_info_util.current_name_stack
+    user_context = source_info_util.user_context
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
-    last = _last_uses(jaxpr)
-    for i, eqn in enumerate(jaxpr.eqns):
-        invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, Value) for x in invals):
-            outvals = run_eqn(eqn, invals)
+    for eqn, dead in _plan(jaxpr):
+        invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
+        for x in invals:
+            if isinstance(x, value):
+                outvals = run_eqn(eqn, invals)
+                break
         else:
-            outvals = bind(eqn, invals)
+            # `bind`, inlined: no value operand, so bind as `eval_jaxpr` does.
+            prim = eqn.primitive
+            info = eqn.source_info
+            with (
+                user_context(
+                    info.traceback, name_stack=current_name_stack() + info.name_stack
+                ),
+                eqn.ctx.manager,
+            ):
+                out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
+            outvals = out if prim.multiple_results else (out,)
         for var, val in zip(eqn.outvars, outvals, strict=True):
-            if not isinstance(var, jexc.DropVar):
-                env[var] = val
-        for var in last.get(i, ()):
-            env.pop(var, None)
-    return [read(v) for v in jaxpr.outvars]
+            env[var] = val  # a DropVar key is never read, and goes with `env`
+        for var in dead:
+            del env[var]
+    return [v.val if type(v) is literal else env[v] for v in jaxpr.outvars]
 
 
 def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
@@ -149,15 +158,16 @@ def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
     return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
 
 
-_LAST_USES: "weakref.WeakKeyDictionary[Any, dict[int, list]]" = (
+_PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, tuple[Any, ...]]]]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _last_uses(jaxpr: Any) -> dict[int, list]:
-    """Equation index -> the variables last read there (never the outputs)."""
+def _plan(jaxpr: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """Each equation with the variables last read there (freed after it runs, as
+    `eval_jaxpr` does; never the jaxpr's outputs). Computed once per jaxpr."""
     try:
-        return _LAST_USES[jaxpr]
+        return _PLANS[jaxpr]
     except KeyError:
         pass
     last: dict[Any, int] = {}
@@ -168,11 +178,12 @@ def _last_uses(jaxpr: Any) -> dict[int, list]:
     for v in jaxpr.outvars:
         if not isinstance(v, jexc.Literal):
             last.pop(v, None)
-    by_eqn: dict[int, list] = {}
+    dead: list[list[Any]] = [[] for _ in jaxpr.eqns]
     for v, i in last.items():
-        by_eqn.setdefault(i, []).append(v)
-    _LAST_USES[jaxpr] = by_eqn
-    return by_eqn
+        dead[i].append(v)
+    plan = [(eqn, tuple(d)) for eqn, d in zip(jaxpr.eqns, dead, strict=True)]
+    _PLANS[jaxpr] = plan
+    return plan
 
 
 # -- tracing, with its cache ------------------------------------------------------------
