@@ -93,3 +93,11 @@ def convert_constvars_jaxpr(jaxpr: Any) -> Any:
 def jit_disabled() -> bool:
     """Whether `jax.disable_jit()` is active (a config option with no typed accessor)."""
     return bool(jax.config.jax_disable_jit)  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def is_eager() -> bool:
+    """Whether no JAX transformation or trace is active (JAX 0.10.2 has no public
+    predicate; `jax.extend.core.unsafe_am_i_under_a_jit_DO_NOT_USE` misses vmap/grad)."""
+    from jax._src import core  # private; see docstring
+
+    return isinstance(core.trace_ctx.trace, core.EvalTrace)

@@ -147,15 +147,18 @@ def _check_return(cls: type, fn: Callable, where: str, result: Any, eqn: Any) ->
 
 
 def handler_operands(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    """Operands as handlers see them: literals and numpy constants become JAX arrays
-    of the same dtype and weak type; values and JAX arrays are passed as they are."""
+    """Operands as handlers see them: literals (numpy values, or Python scalars such
+    as `TypedFloat`) and numpy constants become *concrete* JAX arrays of the traced
+    dtype and weak type, even inside a trace, so a handler can test `other == 0`;
+    values and JAX arrays (tracers included) are passed as they are."""
     out = []
     for var, x in zip(eqn.invars, invals, strict=True):
-        if isinstance(x, np.ndarray | np.generic):
+        if not isinstance(x, Value | jax.Array):
             aval = var.aval
-            x = _compat.weak_scalar_like(
-                x, aval.dtype, getattr(aval, "weak_type", False)
-            )
+            with jax.ensure_compile_time_eval():
+                x = _compat.weak_scalar_like(
+                    x, aval.dtype, getattr(aval, "weak_type", False)
+                )
         out.append(x)
     return out
 

@@ -96,7 +96,7 @@ def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] |
     """Eager calls (every input concrete) run the walked program compiled, cached per
     trace, unless `jax.disable_jit()` is on or a handler needs concrete values; then
     None, and the caller walks op by op."""
-    if meta.compiled is False or _compat.jit_disabled():
+    if meta.compiled is False or _compat.jit_disabled() or not _compat.is_eager():
         return None
     if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(fed)):
         return None

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 import jax.core
+import numpy as np
+import jax.core
 
 from .. import _compat
 from .._walker import TraceCache, bind, register, walk_closed
@@ -34,20 +36,33 @@ _PER_OUTPUT = ("out_shardings", "out_layouts")
 @register(_compat.jit_p)
 def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     closed = eqn.params["jaxpr"]
-    leaves, spec = flatten_operands(invals)
-    key = (closed, operands_key(leaves, spec))
+    # Scalar literals (`jnp.pad(x, 0)` passes its 0 into a `jit`) are folded into the
+    # walked body, so handlers inside see them as concrete values.
+    folded = tuple(_is_scalar_literal(x) for x in invals)
+    dynamic = [x for x, f in zip(invals, folded, strict=True) if not f]
+    leaves, spec = flatten_operands(dynamic)
+    literals = tuple(
+        _literal_key(x) if f else None for x, f in zip(invals, folded, strict=True)
+    )
+    key = (closed, literals, operands_key(leaves, spec))
     entry = JIT_TRACES.get(key)
     if entry is None:
-        entry = _walk_to_jaxpr(closed, leaves, spec)
+        entry = _walk_to_jaxpr(closed, invals, folded, leaves, spec)
         if entry is None:
             # The walked body closed over tracers of an outer trace: inline it.
             return walk_closed(closed, invals)
         JIT_TRACES.put(key, *entry)
     new_closed, out_spec = entry
+    if not new_closed.jaxpr.eqns:
+        # Nothing left to compute (e.g. every output is a symbolic zero): emit no
+        # empty `jit` shell, just forward.
+        out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
+        return unflatten_operands(out_leaves, out_spec)
     params = dict(eqn.params, jaxpr=new_closed)
     for name in _PER_INPUT:
         if name in params:
-            params[name] = expand_per_operand(params[name], spec)
+            kept = [p for p, f in zip(params[name], folded, strict=True) if not f]
+            params[name] = expand_per_operand(kept, spec)
     for name in _PER_OUTPUT:
         if name in params:
             params[name] = expand_per_operand(params[name], out_spec)
@@ -55,11 +70,34 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     return unflatten_operands(out_leaves, out_spec)
 
 
-def _walk_to_jaxpr(closed: Any, leaves: list[Any], spec: Any) -> Any:
+def _is_scalar_literal(x: Any) -> bool:
+    # Literals are numpy values or Python scalar subclasses, never `jax.Array`s.
+    return (
+        isinstance(x, np.ndarray | np.generic | int | float | complex)
+        and np.ndim(x) == 0
+    )
+
+
+def _literal_key(x: Any) -> Any:
+    aval = jax.typeof(x)
+    return (aval.dtype, getattr(aval, "weak_type", False), np.asarray(x).item())
+
+
+def _walk_to_jaxpr(
+    closed: Any,
+    invals: list[Any],
+    folded: tuple[bool, ...],
+    leaves: list[Any],
+    spec: Any,
+) -> Any:
     box: list[Any] = []
 
     def body(*inner_leaves):
-        outs = walk_closed(closed, unflatten_operands(inner_leaves, spec))
+        inner = iter(unflatten_operands(inner_leaves, spec))
+        operands = [
+            x if f else next(inner) for x, f in zip(invals, folded, strict=True)
+        ]
+        outs = walk_closed(closed, operands)
         out_leaves, out_spec = flatten_operands(outs)
         box.append(out_spec)
         return out_leaves
