@@ -273,6 +273,10 @@ case(
         "float16": lambda v, s: (v * s).astype(jnp.float16).astype(v.dtype),
         "lax_convert": lambda v, s: lax.convert_element_type(v * s, jnp.float16),
     },
+    # Rounding is not distributive: a structured type (LoRA) may round its parts
+    # separately, so the round trip matches to the precision of the narrow dtype.
+    rtol=1e-2,
+    atol=1e-2,
 )
 case(
     "astype_int_bool",
@@ -335,7 +339,6 @@ case(
             "lax_reduce": lambda x: lax.reduce(x, 0.0, lax.add, (0,)),
         }
     ),
-    transformed=True,
 )
 
 # -- linear algebra ------------------------------------------------------------------------
@@ -486,7 +489,6 @@ case(
     },
     like,
     transformed=True,
-    leaf_grad=True,
 )
 
 # -- jax.nn -------------------------------------------------------------------------------
@@ -520,7 +522,6 @@ case(
         }
     ),
     transformed=True,
-    leaf_grad=True,
 )
 case(
     "one_hot",
