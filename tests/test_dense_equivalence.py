@@ -601,14 +601,6 @@ case(
     transformed=True,
 )
 
-# LoRA's `mul` folds a scalar into the weight (`s * w`) and `materialise()` puts the
-# weight under `stop_gradient` (frozen by default), so d/ds loses `s * w`'s share.
-_LORA_FROZEN = (
-    "lora: mul folds s into the frozen weight, which materialise() stop_gradients"
-)
-for _c in CASES.values():
-    if _c.name in TRANSFORMED and _c.name != "integer_ops":
-        _c.xfail.setdefault(("lora", "grad"), _LORA_FROZEN)
 CASES["control_flow"].xfail[("scaled", "vmap")] = (
     "core bug: cond under vmap with a Scaled operand broadcasts the batched factor"
 )

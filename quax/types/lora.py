@@ -134,12 +134,6 @@ class LoraArray(ArrayValue):
             update = update * jnp.asarray(self.scaling, update.dtype)
         return w + update.astype(w.dtype)
 
-    def _frozen_w(self) -> Array:
-        return lax.stop_gradient(self.w) if self.frozen else self.w
-
-    def _with(self, w: Array, a: Array, b: Array) -> "LoraArray":
-        return eqx.tree_at(lambda x: (x.w, x.a, x.b), self, (w, a, b))
-
     def scan_leafwise(self) -> bool:
         """A stack of adapted matrices (`w` of shape `(layers, ..., n, m)`) is scanned
         over one `LoraArray` per layer, so LoRA's handlers run in the scanned body; a
@@ -168,24 +162,30 @@ class LoraArray(ArrayValue):
             return NotImplemented
         w = lax.transpose(self.w, perm)
         if perm[-2:] == (k - 2, k - 1):
-            return self._with(
-                w, lax.transpose(self.a, perm), lax.transpose(self.b, perm)
+            return _replace(
+                self, w, lax.transpose(self.a, perm), lax.transpose(self.b, perm)
             )
-        return self._with(w, lax.transpose(self.b, perm), lax.transpose(self.a, perm))
+        return _replace(
+            self, w, lax.transpose(self.b, perm), lax.transpose(self.a, perm)
+        )
 
     # -- elementwise --
 
     def neg(self, /, **params):
-        return self._with(-self.w, -self.a, self.b)
+        return _replace(self, -self.w, -self.a, self.b)
 
     def mul(self, other: ArrayLike, /, **params):
         """`c * (w + a b) = c w + (c a) b` for a scalar `c`; declines arrays."""
         if jnp.shape(other) != ():
             return NotImplemented
-        return self._with(
-            self.w * _cast(other, self.w.dtype),
+        # The frozen weight is scaled after its gradient is stopped, so the gradient
+        # still reaches `c` (and never `w`): the result holds no frozen weight.
+        return _replace(
+            self,
+            _frozen(self) * _cast(other, self.w.dtype),
             self.a * _cast(other, self.a.dtype),
             self.b,
+            frozen=False,
         )
 
     rmul = mul
@@ -193,17 +193,21 @@ class LoraArray(ArrayValue):
     def div(self, other: ArrayLike, /, **params):
         if jnp.shape(other) != ():
             return NotImplemented
-        return self._with(
-            self.w / _cast(other, self.w.dtype),
+        return _replace(
+            self,
+            _frozen(self) / _cast(other, self.w.dtype),
             self.a / _cast(other, self.a.dtype),
             self.b,
+            frozen=False,
         )
 
     def convert_element_type(self, /, *, new_dtype, **params):
         """Converts `w`; the adapters keep their own (floating) dtype."""
         if not jnp.issubdtype(new_dtype, jnp.floating):
             return NotImplemented
-        return self._with(lax.convert_element_type(self.w, new_dtype), self.a, self.b)
+        return _replace(
+            self, lax.convert_element_type(self.w, new_dtype), self.a, self.b
+        )
 
 
 # -- public functions ---------------------------------------------------------------
@@ -321,6 +325,29 @@ def trainable(model: PyTree) -> PyTree:
 # -- private helpers ------------------------------------------------------------------
 
 
+def _frozen(lora: LoraArray) -> Array:
+    """`w`, with its gradient stopped if it is frozen."""
+    return lax.stop_gradient(lora.w) if lora.frozen else lora.w
+
+
+def _replace(
+    lora: LoraArray, w: Array, a: Array, b: Array, *, frozen: bool | None = None
+) -> LoraArray:
+    """A `LoraArray` with new parts and the same static settings (`frozen` may be
+    changed), built without `__init__`, which makes new adapters."""
+    out = object.__new__(LoraArray)
+    for name, value in (
+        ("w", w),
+        ("a", a),
+        ("b", b),
+        ("scaling", lora.scaling),
+        ("frozen", lora.frozen if frozen is None else frozen),
+        ("allow_materialise", lora.allow_materialise),
+    ):
+        object.__setattr__(out, name, value)
+    return out
+
+
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(jnp.shape(x))
 
@@ -377,6 +404,8 @@ def _lora_dot(
     else:
         lora_c, x_c, lora_b, x_b = rhs_c, lhs_c, rhs_b, lhs_b
     k = lora.w.ndim
+    if k == 2 and not lora_b and len(lora_c) == 1:
+        return _lora_dot_2d(lora, other, lora_c[0], x_c[0], params, lora_is_lhs)
     n_axis, m_axis = k - 2, k - 1
     if m_axis in lora_c:
         first, second = "b", "a"
@@ -401,7 +430,7 @@ def _lora_dot(
         "a": lora_labels[:m_axis] + [rank_label],
         "b": lora_labels[:n_axis] + [rank_label, lora_labels[m_axis]],
     }
-    lhs, rhs = (lora._frozen_w(), x) if lora_is_lhs else (x, lora._frozen_w())
+    lhs, rhs = (_frozen(lora), x) if lora_is_lhs else (x, _frozen(lora))
     dense = lax.dot_general_p.bind(
         lhs, rhs, dimension_numbers=dimension_numbers, **params
     )
@@ -420,6 +449,54 @@ def _lora_dot(
         adapters[second], labels[second], t, t_labels, out_labels, precision
     )
     return dense + update.astype(dense.dtype)
+
+
+def _lora_dot_2d(
+    lora: LoraArray,
+    x: Array,
+    lora_axis: int,
+    x_axis: int,
+    params: dict[str, Any],
+    lora_is_lhs: bool,
+) -> Array:
+    """The common case, `W @ x`, `x @ W` and their transposes, for a 2-D `LoraArray`
+    and one contracted axis: the same result as the general path, with the
+    primitives bound directly (this runs once per linear layer on every trace)."""
+    w = _frozen(lora)
+    lhs, rhs = (w, x) if lora_is_lhs else (x, w)
+    contract = ((lora_axis,), (x_axis,)) if lora_is_lhs else ((x_axis,), (lora_axis,))
+    dense = lax.dot_general_p.bind(
+        lhs, rhs, dimension_numbers=(contract, ((), ())), **params
+    )
+    dtype = jnp.promote_types(lora.a.dtype, x.dtype)
+    precision = params.get("precision")
+    x = lax.convert_element_type(x, dtype)
+    a = lax.convert_element_type(lora.a, dtype)
+    b = lax.convert_element_type(lora.b, dtype)
+    # `first` meets x; `second` then meets the rank axis of the thin product.
+    if lora_axis == 1:  # m contracted: (b x), then a
+        first, first_axis, second, second_axis = b, 1, a, 1
+    else:  # n contracted: (a x), then b
+        first, first_axis, second, second_axis = a, 0, b, 0
+
+    def dot(u, v, cu, cv):
+        return lax.dot_general(
+            u,
+            v,
+            (((cu,), (cv,)), ((), ())),
+            precision=precision,
+            preferred_element_type=dtype,
+        )
+
+    if lora_is_lhs:
+        t = dot(first, x, first_axis, x_axis)  # (rank, *x_free)
+        update = dot(second, t, second_axis, 0)  # (lora_free, *x_free)
+    else:
+        t = dot(x, first, x_axis, first_axis)  # (*x_free, rank)
+        update = dot(t, second, t.ndim - 1, second_axis)  # (*x_free, lora_free)
+    if lora.scaling != 1.0:
+        update = update * jnp.asarray(lora.scaling, update.dtype)
+    return dense + lax.convert_element_type(update, dense.dtype)
 
 
 def _unique(labels: Sequence[Label]) -> list[Label]:
