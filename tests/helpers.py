@@ -85,7 +85,9 @@ def run_mode(
         stacked = jtu.tree_map(
             lambda x: jnp.stack([x, x]) if eqx.is_array(x) else x, args
         )
-        return eqx.filter_vmap(call)(*stacked)
+        # Materialised inside the vmap: a batched value (e.g. `Scaled` with a batched
+        # scalar factor) is only meaningful per example.
+        return eqx.filter_vmap(lambda *a: densify(call(*a)))(*stacked)
     raise ValueError(mode)
 
 

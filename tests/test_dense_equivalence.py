@@ -601,9 +601,6 @@ case(
     transformed=True,
 )
 
-CASES["control_flow"].xfail[("scaled", "vmap")] = (
-    "core bug: cond under vmap with a Scaled operand broadcasts the batched factor"
-)
 
 #: Every function checked, for the count in the module docstring (>= 70).
 FUNCTIONS = [f"{c.name}.{f}" for c in CASES.values() for f in c.fns]
