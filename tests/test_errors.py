@@ -1,6 +1,7 @@
 """Every error template in quax/_errors.py, triggered the way a user would."""
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import pytest
 
@@ -105,8 +106,8 @@ def test_handler_wrong_result_count():
 
 def test_return_annotation_violated():
     class Annotated(WrongShape):
-        def neg(self, **params) -> "Annotated":
-            return -self.array
+        def neg(self, **params) -> "Annotated":  # pyright: ignore[reportIncompatibleMethodOverride]
+            return -self.array  # pyright: ignore[reportReturnType] -- under test
 
     with pytest.raises(quax.HandlerResultError, match=r"Annotated\.neg.*annotation"):
         quax.quaxify(jnp.negative)(Annotated(jnp.ones(3)))

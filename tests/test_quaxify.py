@@ -79,7 +79,7 @@ def test_method_decorator(x, y):
     assert _close(layer(Ruleless(y)), x @ y.T)
     assert _close(layer.scaled(y, factor=2.0), (x + y) * 2.0)
     assert isinstance(Layer.__dict__["__call__"], eqx.Module)
-    assert Layer.__call__.__wrapped__ is Layer.__dict__["__call__"].fn
+    assert Layer.__call__.__wrapped__ is Layer.__dict__["__call__"].fn  # pyright: ignore[reportFunctionMemberAccess, reportAttributeAccessIssue]
 
 
 def test_kwargs(x, y):
@@ -184,7 +184,7 @@ def test_filter_spec_passthrough_with_callable(x, y):
 
 def test_not_callable_raises():
     with pytest.raises(quax.QuaxifyTypeError):
-        quax.quaxify(3)
+        quax.quaxify(3)  # pyright: ignore[reportArgumentType]
 
 
 # -- concrete arrays stay concrete in eager mode --------------------------------------

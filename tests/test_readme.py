@@ -19,4 +19,6 @@ def test_readme_examples_run():
             try:
                 exec(compile(block, f"README.md[block {i}]", "exec"), namespace)
             except Exception as err:  # pragma: no cover - the message is the point
-                raise AssertionError(f"README python block {i} failed:\n{block}") from err
+                raise AssertionError(
+                    f"README python block {i} failed:\n{block}"
+                ) from err

@@ -4,6 +4,7 @@ import operator
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,9 +119,9 @@ def test_equality_is_module_equality():
 
 def test_operators_return_not_implemented_for_unknown_types():
     with pytest.raises(TypeError):
-        v + "a"  # pyright: ignore[reportOperatorIssue]
+        _ = v + "a"  # pyright: ignore[reportOperatorIssue]
     with pytest.raises(TypeError):
-        object() * v  # pyright: ignore[reportOperatorIssue]
+        _ = object() * v  # pyright: ignore[reportOperatorIssue]
 
 
 def test_operators_under_jit_and_grad():

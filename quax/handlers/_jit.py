@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.core
 import numpy as np
-import jax.core
 
 from .. import _compat
 from .._walker import TraceCache, bind, register, walk_closed

@@ -7,6 +7,7 @@ materialises `w + a @ b` if `allow_materialise=True`, and is an error otherwise.
 """
 
 import re
+import typing
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -405,7 +406,8 @@ def _lora_dot(
         lora_c, x_c, lora_b, x_b = rhs_c, lhs_c, rhs_b, lhs_b
     k = lora.w.ndim
     if k == 2 and not lora_b and len(lora_c) == 1:
-        return _lora_dot_2d(lora, other, lora_c[0], x_c[0], params, lora_is_lhs)
+        x = typing.cast(Array, other)  # handlers receive JAX arrays (see _dispatch)
+        return _lora_dot_2d(lora, x, lora_c[0], x_c[0], params, lora_is_lhs)
     n_axis, m_axis = k - 2, k - 1
     if m_axis in lora_c:
         first, second = "b", "a"
