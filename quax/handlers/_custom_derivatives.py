@@ -16,17 +16,25 @@ from .._walker import bind, eqn_context, register, walk_closed
 from ._common import dense_all, flatten_operands, unflatten_operands
 
 
-@register(_compat.custom_jvp_call_p)
-def custom_jvp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+def _split(eqn: Any, invals: list[Any]) -> tuple[list[Any], Any, Any]:
+    """The operands' leaves; the walked primal on leaves (outputs materialised); and
+    the dense operands as a function of the leaves (to push tangents through)."""
     leaves, spec = flatten_operands(invals)
     call_jaxpr = eqn.params["call_jaxpr"]
+
+    def walked(*leaves):
+        return dense_all(walk_closed(call_jaxpr, unflatten_operands(leaves, spec)))
 
     def dense_operands(*leaves):
         return dense_all(unflatten_operands(leaves, spec))
 
-    @jax.custom_jvp
-    def primal(*leaves):
-        return dense_all(walk_closed(call_jaxpr, unflatten_operands(leaves, spec)))
+    return leaves, walked, dense_operands
+
+
+@register(_compat.custom_jvp_call_p)
+def custom_jvp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    leaves, walked, dense_operands = _split(eqn, invals)
+    primal = jax.custom_jvp(walked)
 
     @primal.defjvp
     def primal_jvp(primals, tangents):
@@ -39,15 +47,8 @@ def custom_jvp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
 
 @register(_compat.custom_vjp_call_p)
 def custom_vjp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
-    leaves, spec = flatten_operands(invals)
-    call_jaxpr = eqn.params["call_jaxpr"]
-
-    def dense_operands(*leaves):
-        return dense_all(unflatten_operands(leaves, spec))
-
-    @jax.custom_vjp
-    def primal(*leaves):
-        return dense_all(walk_closed(call_jaxpr, unflatten_operands(leaves, spec)))
+    leaves, walked, dense_operands = _split(eqn, invals)
+    primal = jax.custom_vjp(walked)
 
     def fwd(*leaves):
         xs, pull_leaves = jax.vjp(dense_operands, *leaves)
