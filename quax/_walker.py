@@ -122,34 +122,39 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     """Evaluate the (open) `jaxpr` on `consts` and `args`, any of which may be values."""
     env: dict[Any, Any] = {}
     literal, value = jexc.Literal, Value  # locals: this loop is the hot path
-    current_name_stack = source_info_util.current_name_stack
+    # The name stack is the same before every equation (each one's context is left
+    # before the next), so it is read once.
+    base_names = source_info_util.current_name_stack()
     user_context = source_info_util.user_context
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
-    for eqn, dead in _plan(jaxpr):
-        invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
-        for x in invals:
-            if isinstance(x, value):
-                outvals = run_eqn(eqn, invals)
-                break
-        else:
-            # `bind`, inlined: no value operand, so bind as `eval_jaxpr` does.
-            prim = eqn.primitive
-            info = eqn.source_info
-            with (
-                user_context(
-                    info.traceback, name_stack=current_name_stack() + info.name_stack
-                ),
-                eqn.ctx.manager,
-            ):
-                out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
-            outvals = out if prim.multiple_results else (out,)
-        for var, val in zip(eqn.outvars, outvals, strict=True):
-            env[var] = val  # a DropVar key is never read, and goes with `env`
-        for var in dead:
-            del env[var]
+    for ctx, run in _plan(jaxpr):
+        # One entry of the equations' shared context (`ctx.manager`) per run of
+        # equations that carry the same one: the same as entering it per equation.
+        with ctx.manager:
+            for eqn, dead in run:
+                invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
+                for x in invals:
+                    if isinstance(x, value):
+                        outvals = run_eqn(eqn, invals)
+                        break
+                else:
+                    # `bind`, inlined: no value operand, so bind as `eval_jaxpr` does.
+                    prim = eqn.primitive
+                    info = eqn.source_info
+                    names = info.name_stack
+                    with user_context(
+                        info.traceback,
+                        name_stack=base_names + names if len(names) else base_names,
+                    ):
+                        out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
+                    outvals = out if prim.multiple_results else (out,)
+                for var, val in zip(eqn.outvars, outvals, strict=True):
+                    env[var] = val  # a DropVar key is never read; it goes with `env`
+                for var in dead:
+                    del env[var]
     return [v.val if type(v) is literal else env[v] for v in jaxpr.outvars]
 
 
@@ -158,14 +163,16 @@ def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
     return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
 
 
-_PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, tuple[Any, ...]]]]" = (
+_Run = list[tuple[Any, tuple[Any, ...]]]
+_PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _plan(jaxpr: Any) -> list[tuple[Any, tuple[Any, ...]]]:
-    """Each equation with the variables last read there (freed after it runs, as
-    `eval_jaxpr` does; never the jaxpr's outputs). Computed once per jaxpr."""
+def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
+    """The equations in runs that share one context object, each equation with the
+    variables last read there (freed after it runs, as `eval_jaxpr` does; never the
+    jaxpr's outputs). Computed once per jaxpr."""
     try:
         return _PLANS[jaxpr]
     except KeyError:
@@ -181,7 +188,11 @@ def _plan(jaxpr: Any) -> list[tuple[Any, tuple[Any, ...]]]:
     dead: list[list[Any]] = [[] for _ in jaxpr.eqns]
     for v, i in last.items():
         dead[i].append(v)
-    plan = [(eqn, tuple(d)) for eqn, d in zip(jaxpr.eqns, dead, strict=True)]
+    plan: list[tuple[Any, _Run]] = []
+    for eqn, d in zip(jaxpr.eqns, dead, strict=True):
+        if not plan or plan[-1][0] is not eqn.ctx:
+            plan.append((eqn.ctx, []))
+        plan[-1][1].append((eqn, tuple(d)))
     _PLANS[jaxpr] = plan
     return plan
 
