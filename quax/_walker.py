@@ -17,6 +17,7 @@ import jax
 import jax.core
 import jax.extend.core as jexc
 import jax.extend.source_info_util as source_info_util
+import numpy as np
 
 from ._dispatch import (
     check_results,
@@ -134,7 +135,7 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
         # One entry of the equations' shared context (`ctx.manager`) per run of
         # equations that carry the same one: the same as entering it per equation.
         with ctx.manager:
-            for eqn, dead in run:
+            for eqn, dead, foldable in run:
                 invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
                 for x in invals:
                     if isinstance(x, value):
@@ -149,7 +150,17 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
                         info.traceback,
                         name_stack=base_names + names if len(names) else base_names,
                     ):
-                        out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
+                        if (
+                            foldable
+                            and type(invals[0]) not in _NOT_LITERAL
+                            and _is_scalar_literal(invals[0])
+                        ):
+                            with jax.ensure_compile_time_eval():
+                                out = prim.bind(
+                                    *invals, **prim.get_bind_params(eqn.params)
+                                )
+                        else:
+                            out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
                     outvals = out if prim.multiple_results else (out,)
                 for var, val in zip(eqn.outvars, outvals, strict=True):
                     env[var] = val  # a DropVar key is never read; it goes with `env`
@@ -158,12 +169,27 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     return [v.val if type(v) is literal else env[v] for v in jaxpr.outvars]
 
 
+#: Types that are never literals, learnt as they are seen (tracer classes first): a
+#: set lookup on the hot path instead of isinstance checks against ABCs.
+_NOT_LITERAL: set[type] = set()
+
+
+def _is_scalar_literal(x: Any) -> bool:
+    """A numpy or Python scalar (a literal's value), never a JAX array or tracer."""
+    if isinstance(x, jax.core.Tracer | jax.Array):
+        _NOT_LITERAL.add(type(x))
+        return False
+    return isinstance(x, np.ndarray | np.generic | int | float | complex) and (
+        np.ndim(x) == 0
+    )
+
+
 def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
     """`walk` on a ClosedJaxpr."""
     return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
 
 
-_Run = list[tuple[Any, tuple[Any, ...]]]
+_Run = list[tuple[Any, tuple[Any, ...], bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
@@ -192,7 +218,15 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
     for eqn, d in zip(jaxpr.eqns, dead, strict=True):
         if not plan or plan[-1][0] is not eqn.ctx:
             plan.append((eqn.ctx, []))
-        plan[-1][1].append((eqn, tuple(d)))
+        # A unary, effect-free, first-order equation on a scalar literal is computed
+        # while tracing (`convert_element_type 0`), so handlers downstream see the
+        # value: `jnp.pad(zero, 1)` stays a Zero.
+        foldable = (
+            len(eqn.invars) == 1
+            and not eqn.effects
+            and eqn.primitive not in HIGHER_ORDER
+        )
+        plan[-1][1].append((eqn, tuple(d), foldable))
     _PLANS[jaxpr] = plan
     return plan
 

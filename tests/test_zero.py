@@ -195,3 +195,17 @@ def test_zero_repr_and_aval():
     z = Zero((2, 3), jnp.float16)
     assert z.shape == (2, 3) and z.dtype == jnp.float16
     assert np.array_equal(z.materialise(), np.zeros((2, 3), np.float16))
+
+
+def test_jnp_pad_with_default_zero_stays_zero():
+    # `jnp.pad` passes its 0 into a `jit` and converts it there; the walker keeps that
+    # scalar concrete so `Zero.pad` can see it is zero (found in the issue-4 review).
+    z = Zero((3,), jnp.float32)
+    out = quax.quaxify(lambda z: jnp.pad(z, 1))(z)
+    assert isinstance(out, Zero)
+    assert out.shape == (5,) and out.dtype == jnp.float32
+    assert jnp.array_equal(out.materialise(), jnp.pad(jnp.zeros(3), 1))
+    assert not jax.make_jaxpr(quax.quaxify(lambda z: jnp.pad(z, 1)))(z).eqns
+    dense = quax.quaxify(lambda z: jnp.pad(z, 1, constant_values=2.0))(z)
+    assert not isinstance(dense, Zero)
+    assert jnp.array_equal(dense, jnp.pad(jnp.zeros(3), 1, constant_values=2.0))
