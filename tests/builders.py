@@ -85,6 +85,18 @@ class StaticZero(quax.ArrayValue):
         return jnp.zeros(self.shape_, self.dtype_)
 
 
+class Opaque(quax.ArrayValue):
+    """A value that never materialises: what quax does without a handler is an error."""
+
+    array: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.array.shape, self.array.dtype)
+
+    def materialise(self):
+        raise ValueError("Opaque never materialises")
+
+
 @builder
 def make_ruleless(key):
     x = jr.normal(key, (3, 4))

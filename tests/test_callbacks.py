@@ -5,7 +5,7 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import BUILDERS
+from builders import BUILDERS, Opaque
 from helpers import densify, tree_allclose
 from jax.experimental import io_callback
 
@@ -79,15 +79,6 @@ def test_debug_callback_gets_dense_array(getkey):
 
 
 def test_callback_of_a_value_that_refuses_to_materialise():
-    class Opaque(quax.ArrayValue):
-        array: jax.Array
-
-        def aval(self):
-            return jax.core.ShapedArray(self.array.shape, self.array.dtype)
-
-        def materialise(self):
-            raise ValueError("Opaque never materialises")
-
     spec = jax.ShapeDtypeStruct((2,), jnp.float32)
     fn = lambda x: jax.pure_callback(lambda v: v, spec, x)
     with pytest.raises(quax.NoHandlerError, match="pure_callback"):

@@ -7,7 +7,7 @@ import jax.core
 import jax.extend.core as jexc
 import jax.numpy as jnp
 import pytest
-from builders import BUILDERS, Pair, Ruleless, Scaled
+from builders import BUILDERS, Opaque, Pair, Ruleless, Scaled
 from helpers import assert_matches_dense, densify, tree_allclose
 from jax.ad_checkpoint import checkpoint_name
 
@@ -169,15 +169,6 @@ def test_reduce_with_jaxpr_param_is_first_order():
 
 
 def test_no_handler_error_names_the_primitive():
-    class Opaque(quax.ArrayValue):
-        array: jax.Array
-
-        def aval(self):
-            return jax.core.ShapedArray(self.array.shape, self.array.dtype)
-
-        def materialise(self):
-            raise ValueError("Opaque never materialises")
-
     def fn(m, b):
         return jax.lax.custom_linear_solve(lambda x: m @ x, b, lambda _, b: b)
 
