@@ -85,19 +85,7 @@ def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) 
     bind_params: dict[str, Any] = (
         prim.get_bind_params(eqn.params) if params is None else params
     )
-    active = _ACTIVE.__dict__.get("eqns")
-    if active and active[-1] is eqn:
-        # Already inside `eqn_context(eqn)` (a handler or run_eqn's default path):
-        # entering it again would push the name stack twice (`foo/foo`).
-        out = prim.bind(*invals, **bind_params)
-        return list(out) if prim.multiple_results else [out]
-    info = eqn.source_info
-    # `eqn_context`, inlined: this is the per-equation fast path.
-    name_stack = source_info_util.current_name_stack() + info.name_stack
-    with (
-        source_info_util.user_context(info.traceback, name_stack=name_stack),
-        eqn.ctx.manager,
-    ):
+    with eqn_context(eqn):  # a no-op when already inside it (handlers)
         out = prim.bind(*invals, **bind_params)
     return list(out) if prim.multiple_results else [out]
 
