@@ -10,7 +10,7 @@ import inspect
 import keyword
 import operator
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -19,7 +19,12 @@ import jax.extend.core as jexc
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import _MSG_BAD_MATERIALISE, _MSG_PRIMITIVE_ATTRIBUTE, HandlerResultError
+from ._errors import (
+    _MSG_BAD_MATERIALISE,
+    _MSG_PRIMITIVE_ATTRIBUTE,
+    HandlerResultError,
+    describe_aval,
+)
 
 
 def handler_name(prim_name: str) -> str:
@@ -71,8 +76,6 @@ class Value(eqx.Module):
     after JAX primitives (see `quax.ArrayValue`). They may override the staticmethod
     `default(primitive, operands, params)`, asked when no handler takes an equation.
     """
-
-    _quax_checked: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -134,7 +137,7 @@ def materialise(value: Value) -> Any:
             _MSG_BAD_MATERIALISE.format(
                 cls=type(value).__name__,
                 got=_describe(out),
-                expected=_describe_aval(expected),
+                expected=describe_aval(expected),
             )
         )
     return out
@@ -148,15 +151,9 @@ def _same_shape_dtype(a: Any, b: Any) -> bool:
     return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
 
 
-def _describe_aval(aval: Any) -> str:
-    from ._errors import describe_aval
-
-    return describe_aval(aval)
-
-
 def _describe(x: Any) -> str:
     if _is_arraylike(x):
-        return "an array of " + _describe_aval(jax.typeof(x))
+        return "an array of " + describe_aval(jax.typeof(x))
     return f"an object of type {type(x).__name__}"
 
 
