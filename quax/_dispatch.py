@@ -203,17 +203,23 @@ def try_defaults(eqn: Any, operands: Sequence[Any], bind_params: dict[str, Any])
 
 def materialise_all(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     """Step 5b: every value materialised; a refusal becomes a `NoHandlerError`."""
-    out = []
-    for x in invals:
-        if isinstance(x, Value):
-            try:
-                x = materialise(x)
-            except HandlerResultError:
-                raise
-            except Exception as err:
-                raise NoHandlerError(_no_handler_message(eqn, invals, x, err)) from err
-        out.append(x)
-    return out
+    return [implicit_materialise(eqn, x, invals) for x in invals]
+
+
+def implicit_materialise(eqn: Any, x: Any, operands: Sequence[Any]) -> Any:
+    """The one place quax turns a value into an array on its own initiative, for the
+    equation `eqn` (whose operands are `operands`): every handler that materialises
+    goes through here. Anything but a value is returned unchanged. A refusal from
+    `materialise()` becomes a `NoHandlerError` naming the primitive, the operand types
+    and the user's line."""
+    if not isinstance(x, Value):
+        return x
+    try:
+        return materialise(x)
+    except HandlerResultError:
+        raise
+    except Exception as err:
+        raise NoHandlerError(_no_handler_message(eqn, operands, x, err)) from err
 
 
 def _no_handler_message(eqn: Any, invals: Sequence[Any], failed: Value, err: Exception):

@@ -6,7 +6,8 @@ from typing import Any
 import jax
 import jax.tree_util as jtu
 
-from .._values import Value, materialise
+from .._dispatch import implicit_materialise
+from .._values import Value
 
 
 #: Per operand: None for a plain array, else the value's treedef and leaf count.
@@ -70,13 +71,15 @@ def leaf_specs(leaves: Sequence[Any]) -> list[jax.ShapeDtypeStruct]:
     return specs
 
 
-def dense(x: Any) -> Any:
-    """A value materialised (checked against its aval); anything else unchanged."""
-    return materialise(x) if isinstance(x, Value) else x
+def dense(x: Any, eqn: Any, operands: Sequence[Any] = ()) -> Any:
+    """A value materialised for the higher-order equation `eqn` (checked against its
+    aval; a refusal is a `NoHandlerError` naming `eqn`); anything else unchanged.
+    `operands` are listed in the error message (default: `x` alone)."""
+    return implicit_materialise(eqn, x, operands or (x,))
 
 
-def dense_all(vals: Sequence[Any]) -> list[Any]:
-    return [dense(x) for x in vals]
+def dense_all(vals: Sequence[Any], eqn: Any) -> list[Any]:
+    return [dense(x, eqn, vals) for x in vals]
 
 
 def leaf_type(leaf: Any) -> tuple[tuple[int, ...], Any]:

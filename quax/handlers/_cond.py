@@ -23,7 +23,7 @@ def cond_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         # branch on every platform. Materialising keeps JAX's own lowering.
         return bind(eqn, materialise_all(eqn, invals))
     index, *operands = invals
-    index = dense(index)
+    index = dense(index, eqn, invals)
     branches = eqn.params["branches"]
     kinds = [
         value_types(abstract_call(_walker_of(branch), operands)) for branch in branches
@@ -32,16 +32,20 @@ def cond_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         kind is not None and all(other[i] == kind for other in kinds)
         for i, kind in enumerate(kinds[0])
     )
-    fns = [_walker_of(branch, keep) for branch in branches]
+    fns = [_walker_of(branch, keep, eqn) for branch in branches]
     # Runs inside the context `run_eqn` set for `eqn`: the new `cond` keeps its line.
     return list(jax.lax.switch(index, fns, operands))
 
 
-def _walker_of(branch: Any, keep: tuple[bool, ...] | None = None) -> Any:
+def _walker_of(
+    branch: Any, keep: tuple[bool, ...] | None = None, eqn: Any = None
+) -> Any:
     def run(operands: list[Any]) -> list[Any]:
         outs = walk_closed(branch, operands)
         if keep is None:
             return outs
-        return [x if k else dense(x) for x, k in zip(outs, keep, strict=True)]
+        return [
+            x if k else dense(x, eqn, outs) for x, k in zip(outs, keep, strict=True)
+        ]
 
     return run

@@ -23,10 +23,10 @@ def _split(eqn: Any, invals: list[Any]) -> tuple[list[Any], Any, Any]:
     call_jaxpr = eqn.params["call_jaxpr"]
 
     def walked(*leaves):
-        return dense_all(walk_closed(call_jaxpr, unflatten_operands(leaves, spec)))
+        return dense_all(walk_closed(call_jaxpr, unflatten_operands(leaves, spec)), eqn)
 
     def dense_operands(*leaves):
-        return dense_all(unflatten_operands(leaves, spec))
+        return dense_all(unflatten_operands(leaves, spec), eqn)
 
     return leaves, walked, dense_operands
 

@@ -44,16 +44,16 @@ def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     def step(carry: list[Any]) -> list[Any]:
         return walk_closed(body_jaxpr, [*body_consts, *carry])
 
-    to_dense = _settle(lambda c: abstract_call(step, c), carry)
+    to_dense = _settle(lambda c: abstract_call(step, c), carry, eqn)
 
     def cond_fn(carry: list[Any]) -> Any:
         (pred,) = walk_closed(cond_jaxpr, [*cond_consts, *carry])
-        return dense(pred)
+        return dense(pred, eqn, invals)
 
     def body_fn(carry: list[Any]) -> list[Any]:
-        return _densify_at(step(carry), to_dense)
+        return _densify_at(step(carry), to_dense, eqn)
 
-    return list(jax.lax.while_loop(cond_fn, body_fn, _densify_at(carry, to_dense)))
+    return list(jax.lax.while_loop(cond_fn, body_fn, _densify_at(carry, to_dense, eqn)))
 
 
 @register(_compat.scan_p)
@@ -64,7 +64,7 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     carry = invals[n_consts : n_consts + n_carry]
     length = params["length"]
     xs = [
-        x if _slices_leafwise(x, length) else dense(x)
+        x if _slices_leafwise(x, length) else dense(x, eqn, invals)
         for x in invals[n_consts + n_carry :]
     ]
     body = params["jaxpr"]
@@ -81,17 +81,17 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         return outs[:n_carry], ys
 
     x_specs = [_slice_spec(x) for x in xs]
-    to_dense = _settle(lambda c: abstract_call(step, c, x_specs)[0], carry)
+    to_dense = _settle(lambda c: abstract_call(step, c, x_specs)[0], carry, eqn)
     keep_ys = stack_ys[-1] if stack_ys else ()
 
     def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
         new_carry, ys = step(carry, x)
-        ys = [y if k else dense(y) for y, k in zip(ys, keep_ys, strict=True)]
-        return _densify_at(new_carry, to_dense), ys
+        ys = [y if k else dense(y, eqn, ys) for y, k in zip(ys, keep_ys, strict=True)]
+        return _densify_at(new_carry, to_dense, eqn), ys
 
     new_carry, ys = jax.lax.scan(
         body_fn,
-        _densify_at(carry, to_dense),
+        _densify_at(carry, to_dense, eqn),
         xs,
         length=length,
         reverse=params["reverse"],
@@ -104,13 +104,13 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
 
 
 def _settle(
-    abstract_step: Callable[[list[Any]], Sequence[Any]], carry: Sequence[Any]
+    abstract_step: Callable[[list[Any]], Sequence[Any]], carry: Sequence[Any], eqn: Any
 ) -> frozenset[int]:
     """The carry positions to materialise so one iteration preserves every carry's
     kind. Each pass only adds positions, so this ends after at most len(carry)+1."""
     to_dense: frozenset[int] = frozenset()
     for _ in range(len(carry) + 1):
-        init = _densify_at(carry, to_dense)
+        init = _densify_at(carry, to_dense, eqn)
         out = abstract_step(init)
         changed = {
             i
@@ -125,8 +125,8 @@ def _settle(
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
-def _densify_at(vals: Sequence[Any], where: frozenset[int]) -> list[Any]:
-    return [dense(x) if i in where else x for i, x in enumerate(vals)]
+def _densify_at(vals: Sequence[Any], where: frozenset[int], eqn: Any) -> list[Any]:
+    return [dense(x, eqn, vals) if i in where else x for i, x in enumerate(vals)]
 
 
 def _slices_leafwise(x: Any, length: int) -> bool:
