@@ -6,6 +6,7 @@ from . import (
     handlers as handlers,  # registers the higher-order primitive handlers
     lora as lora,
     prng as prng,
+    units as units,
     zero as zero,
 )
 from ._errors import (
