@@ -1,0 +1,15 @@
+"""`BCOO`, as the Quax library's `quax.examples.sparse` (backed by `quax.sparse`,
+imported on first use)."""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        from .. import sparse
+    except ImportError as err:
+        raise ImportError(
+            f"quax: `quax.examples.sparse.{name}` needs `quax.sparse`, which this "
+            "installation of quax does not have."
+        ) from err
+    return getattr(sparse, name)

@@ -1,0 +1,15 @@
+"""`TridiagonalMatrix`, as the Quax library's `quax.examples.structured_matrices`
+(backed by `quax.structured`, imported on first use)."""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        from .. import structured
+    except ImportError as err:
+        raise ImportError(
+            f"quax: `quax.examples.structured_matrices.{name}` needs "
+            "`quax.structured`, which this installation of quax does not have."
+        ) from err
+    return getattr(structured, name)
