@@ -17,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.extend.core as jexc
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
@@ -311,7 +312,7 @@ class Unitful(ArrayValue):
     dimensionless result is a plain array (`km / m` gives numbers times 1000).
     """
 
-    array: ArrayLike
+    array: Array = eqx.field(converter=jnp.asarray)
     unit: Unit = eqx.field(static=True, converter=_as_unit)
 
     def aval(self) -> jax.core.ShapedArray:
@@ -339,7 +340,7 @@ class Unitful(ArrayValue):
 
     def to_value(self, unit: Unit) -> Array:
         """This quantity's numbers in `unit`: `(3 * km).to_value(m) == 3000`."""
-        return self.to(unit).array  # pyright: ignore[reportReturnType]
+        return self.to(unit).array
 
     # -- units combine --
 
