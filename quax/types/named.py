@@ -93,6 +93,21 @@ def _layout(named: Sequence["NamedArray"], shape: tuple[int, ...], what: str) ->
     return layout
 
 
+def _moved_off_data(
+    named: Sequence["NamedArray"], layout: Sequence[Any], shape: tuple[int, ...]
+) -> Any:
+    """A name that realigning would move away from a position where JAX's result
+    varies and no name takes over (`outer(v, v)` with `v` named `b`): the positional
+    program and the names disagree. None if there is no such name."""
+    for x in named:
+        for pos, name in enumerate(x.axes):
+            if not _is_name(name) or layout[pos] == name:
+                continue
+            if not _is_name(layout[pos]) and shape[pos] != 1:
+                return name
+    return None
+
+
 def _realign(x: "NamedArray", layout: Sequence[Any], shape: tuple[int, ...], what: str):
     """`x`'s array arranged as `layout` (of `shape`): its broadcast axes dropped, its
     named axes transposed to their places, and broadcast over the rest."""
@@ -164,6 +179,17 @@ def _elementwise(prim: jexc.Primitive, operands: Sequence[Any], params: dict) ->
                 "ambiguous.\nTo fix: wrap the plain array as a `NamedArray`."
             )
         layout = _layout(full, shape, prim.name)
+        clash = _moved_off_data(full, layout, shape)
+        if clash is not None:
+            if like.allow_materialise:
+                return NotImplemented  # the positional result, without names
+            raise AxisNameError(
+                f"quax: `{prim.name}` of named arrays with axes "
+                f"{', '.join(str(x.axes) for x in full)}: JAX's result (shape {shape}) "
+                f"varies along two positions that both carry axis {clash!r}.\n"
+                "To fix: rename one of them (`x.rename(...)`), e.g. for an outer "
+                "product of an axis with itself."
+            )
         arrays = [
             _realign(x, layout, shape, prim.name)
             if x in full
