@@ -19,6 +19,7 @@ from ._values import (
     Value as Value,
     handler_name as handler_name,
 )
+from .handlers._sharding import leaf_shardings as leaf_shardings
 
 
 __version__ = _metadata.version("quax")

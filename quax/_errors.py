@@ -160,3 +160,18 @@ def describe_aval(aval: Any) -> str:
     if shape is None or dtype is None:
         return f"{aval!r}"
     return f"{dtype}{list(shape)}"
+
+
+_MSG_BAD_LEAF_SPECS: Final = """\
+quax: {cls}.leaf_specs() must give one `PartitionSpec` per leaf of the value \
+({n_leaves} leaves), but gave {got}.
+To fix: return a pytree shaped like the value (e.g. `jax.tree.map(lambda _: spec, \
+self)`) with a `jax.sharding.PartitionSpec` at every leaf, saying how the logical \
+array's spec maps onto that leaf."""
+
+_MSG_BAD_SHARD: Final = """\
+quax: {what} {cls} value inside `shard_map` has aval {got}, but JAX expects \
+{expected} there.
+To fix: make {cls}.leaf_specs() split the leaves so that a shard of every leaf \
+makes a shard of the value, and {cls}.shard_structure(shape) resize the static \
+fields that depend on the shape."""

@@ -226,6 +226,35 @@ class ArrayValue(Value):
             f"To fix: call `.materialise()` first, e.g. `np.asarray(value.materialise())`."
         )
 
+    def leaf_specs(self, spec: Any) -> Any:
+        """How a `PartitionSpec` of the logical array this value stands for maps onto
+        its leaves: a pytree shaped like `self` with a `PartitionSpec` at every leaf.
+        Used by `jax.device_put`, `with_sharding_constraint` and `shard_map` (and so
+        `jax.pmap`) on values, and by `quax.leaf_shardings`.
+
+        The default gives `spec` to every leaf of the value's own shape and replicates
+        every other leaf (`PartitionSpec()`): right whenever the other leaves are
+        small parameters every shard needs whole (a scale, a bias). Override it when a
+        leaf holds a slice of the logical array along a sharded axis (LoRA's `a` and
+        `b` do).
+        """
+        from jax.sharding import PartitionSpec
+
+        shape = tuple(aval_of(self).shape)
+
+        def one(leaf: Any) -> Any:
+            same = tuple(getattr(leaf, "shape", ())) == shape
+            return spec if same else PartitionSpec()
+
+        return jax.tree.map(one, self)
+
+    def shard_structure(self, shape: tuple[int, ...]) -> "ArrayValue":
+        """This value's structure for one block of shape `shape` (one device's shard
+        in `shard_map`, or the whole array a shard belongs to): a value whose static
+        fields fit `shape`; its leaves are ignored. The default, `self`, is right when
+        no static field depends on the shape; `Zero` returns `Zero(shape, dtype)`."""
+        return self
+
     # -- operators: each runs the `jax.numpy` function under `quax.quaxify` --
 
     def __add__(self, other: Any) -> Any:
