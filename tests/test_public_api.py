@@ -16,6 +16,7 @@ def test_public_names():
         "Value",
         "handler_name",
         "handlers",
+        "leaf_shardings",
         "quaxify",
     }
     optional = {"lora", "zero", "types"}  # subpackages, present once imported

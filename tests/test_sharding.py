@@ -226,3 +226,34 @@ def test_bad_leaf_specs_is_a_clear_error(mesh):
 
     with pytest.raises(quax.HandlerResultError, match=r"Bad.leaf_specs\(\)"):
         quax.leaf_shardings(Bad(jnp.ones(8)), NamedSharding(mesh, P("data")))
+
+
+def test_literals_in_shard_map_bodies(mesh):
+    # `x * 2.0` in a `shard_map` body makes `pvary 2.0`, and `psum(1, "data")` the
+    # axis size: neither may be computed outside the body while tracing.
+    z = Zero((16,), jnp.float32)
+
+    def f(x):
+        def body(x):
+            return x * 2.0 + jax.lax.psum(1, "data")
+
+        return jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(
+            x
+        )
+
+    np.testing.assert_allclose(quax.quaxify(f)(z), f(jnp.zeros(16)))
+
+
+def test_sharded_lora_demo():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "examples"))
+    try:
+        import lora_sharded
+    finally:
+        sys.path.pop(0)
+    r = lora_sharded.main(width=32, depth=1, heads=2, batch=16, steps=2, quiet=True)
+    np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=1e-5)
+    np.testing.assert_allclose(r["losses_shard_map"], r["losses_1"], rtol=1e-5)
+    assert r["mem_8"] < r["mem_1"]
