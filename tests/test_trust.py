@@ -1,6 +1,8 @@
 """Trust (issue 8): caches that never merge different programs, handlers that honour
 every parameter, Python truthiness, and quaxify's own contract."""
 
+import operator
+import re
 import struct
 
 import equinox as eqx
@@ -8,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builders import Ruleless
 
 import quax
 from quax._walker import static_key, treedef_key
@@ -156,3 +159,37 @@ def test_remat_cache_static_field_of_value():
     x = jnp.ones(2)
     assert (f(Divided(x, 0.0)) == jnp.inf).all()
     assert (f(Divided(x, -0.0)) == -jnp.inf).all()
+
+
+# -- 8.3: conversion to Python scalars ---------------------------------------------------
+
+
+@pytest.mark.parametrize("convert", [bool, int, float, complex, operator.index])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((), jnp.float32), ((), jnp.int32), ((1, 1), jnp.int32), ((2,), jnp.float32)]
+    + [((0,), jnp.float32)],
+)
+def test_python_scalar_conversion_as_jax(convert, shape, dtype):
+    for fill in (0, 3):
+        dense = jnp.full(shape, fill, dtype)
+        value = Ruleless(dense)
+        try:
+            expected = convert(dense)
+        except Exception as err:  # noqa: BLE001 -- the same error, whatever it is
+            with pytest.raises(type(err), match=re.escape(str(err).split("\n")[0])):
+                convert(value)
+        else:
+            got = convert(value)
+            assert type(got) is type(expected) and got == expected
+
+
+def test_bool_of_zero_and_traced_value():
+    assert not bool(Zero((), jnp.float32))
+    assert not Zero((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(Zero((3,), jnp.float32))
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        jax.jit(lambda x: bool(Ruleless(x)))(jnp.ones(()))
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        jax.jit(lambda x: int(Ruleless(x)))(jnp.ones((), jnp.int32))
