@@ -106,3 +106,12 @@ def is_eager() -> bool:
     from jax._src import core  # private; see docstring
 
     return isinstance(core.trace_ctx.trace, core.EvalTrace)
+
+
+def trace_context() -> Any:
+    """The configuration that can change what tracing produces (x64, rank promotion,
+    default matmul precision, ...), as a hashable tuple: what `jax.jit` puts in its own
+    cache keys. No public accessor in JAX 0.10.2."""
+    from jax._src import config  # private; see docstring
+
+    return config.trace_context()

@@ -213,6 +213,41 @@ class ArrayValue(Value):
             raise TypeError("len() of unsized object")
         return self.shape[0]
 
+    # -- conversion to Python scalars: as a JAX array does --
+    # A value that cannot convert (`bool` of two elements, `int` of a 1-d value, a
+    # traced value) raises JAX's own error; one that can is materialised and its
+    # element converted, concretely and eagerly.
+
+    def __bool__(self) -> bool:
+        return self._to_python(bool)
+
+    def __int__(self) -> int:
+        return self._to_python(int)
+
+    def __float__(self) -> float:
+        return self._to_python(float)
+
+    def __complex__(self) -> complex:
+        return self._to_python(complex)
+
+    def __index__(self) -> int:
+        return self._to_python(operator.index)
+
+    def _to_python(self, convert: Callable[[Any], Any]) -> Any:
+        aval = aval_of(self)
+        size = int(np.prod(aval.shape, dtype=np.int64))
+        if convert is bool:
+            refused = size != 1
+            stand_in = (0,) if size == 0 else (2,) + (1,) * (len(aval.shape) - 1)
+        else:
+            refused = len(aval.shape) != 0
+            stand_in = (1,) * len(aval.shape)
+        if refused:
+            # JAX's error from an array of at most two elements that converts the
+            # same way, without materialising this value.
+            convert(jnp.zeros(stand_in, aval.dtype))
+        return convert(materialise(self))
+
     def __getitem__(self, index: Any) -> Any:
         return _quaxified(operator.getitem)(self, index)
 
