@@ -10,12 +10,16 @@ def test_public_names():
     expected = {
         "ArrayValue",
         "HandlerResultError",
+        "HandlerSignatureError",
         "NoHandlerError",
         "QuaxError",
         "QuaxifyTypeError",
+        "QuaxWarning",
         "Value",
+        "handler",
         "handler_name",
         "handlers",
+        "not_handler",
         "quaxify",
     }
     optional = {"lora", "zero", "types"}  # subpackages, present once imported
