@@ -9,11 +9,14 @@ from . import (
 )
 from ._errors import (
     HandlerResultError as HandlerResultError,
+    HandlerSignatureError as HandlerSignatureError,
     NoHandlerError as NoHandlerError,
     QuaxError as QuaxError,
     QuaxifyTypeError as QuaxifyTypeError,
+    QuaxWarning as QuaxWarning,
 )
 from ._quaxify import quaxify as quaxify
+from ._table import handler as handler, not_handler as not_handler
 from ._values import (
     ArrayValue as ArrayValue,
     Value as Value,

@@ -10,13 +10,17 @@ def test_public_names():
     expected = {
         "ArrayValue",
         "HandlerResultError",
+        "HandlerSignatureError",
         "NoHandlerError",
         "QuaxError",
         "QuaxifyTypeError",
+        "QuaxWarning",
         "Value",
+        "handler",
         "handler_name",
         "handlers",
         "leaf_shardings",
+        "not_handler",
         "quaxify",
     }
     optional = {"lora", "zero", "types"}  # subpackages, present once imported
