@@ -14,7 +14,7 @@ import pytest
 from builders import BUILDERS
 from fuzz.check import MODES, check
 from fuzz.draw import aval_of, draw_program
-from fuzz.exclusions import EXCLUSIONS
+from fuzz.exclusions import excluded_names, predicates, twin_excluded
 from fuzz.ops import NAMES
 from fuzz.program import iter_ops
 from fuzz.replay import variants
@@ -33,7 +33,9 @@ def _seed() -> int:
 def test_fuzz(kind, mode):
     values = variants(kind)
     v_aval = aval_of(values[0][1])
-    exclusions = [e for e in EXCLUSIONS if e.applies(kind, mode)]
+    skipped = excluded_names(kind, mode)
+    names = tuple(n for n in NAMES if n not in skipped)
+    rejects = predicates(kind, mode)
     seed = _seed()
 
     @hypothesis.seed(seed)
@@ -48,17 +50,15 @@ def test_fuzz(kind, mode):
     )
     @hypothesis.given(st.data())
     def run(data):
-        program = draw_program(data, v_aval, NAMES)
-        for op in iter_ops(program.ops):
-            for exclusion in exclusions:
-                if exclusion.matches(op):
-                    hypothesis.reject()
+        program = draw_program(data, v_aval, names)
+        if any(reject(op) for op in iter_ops(program.ops) for reject in rejects):
+            hypothesis.reject()
         hypothesis.note(f"program ({kind}, {mode}):\n{program.text()}")
         hypothesis.note(
             'replay: cd tests && python -c "import fuzz; fuzz.replay('
             f"{kind!r}, {mode!r}, '''{program.text()}''')\""
         )
-        check(mode, program, values)
+        check(mode, program, values, twin=not twin_excluded(kind))
 
     try:
         run()

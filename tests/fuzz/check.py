@@ -19,7 +19,7 @@ import numpy as np
 import quax
 from quax._errors import QuaxBugError
 
-from .program import Program, make_extras, run_program, skeleton, twin
+from .program import Program, make_extras, run_program, skeleton, twin as twin_program
 
 
 MODES = (
@@ -231,7 +231,9 @@ def _stack(a: Any, b: Any) -> Any:
     return jtu.tree_map(lambda p, q: jnp.stack([p, q]) if eqx.is_array(p) else p, a, b)
 
 
-def check(mode: str, program: Program, variants: list[tuple[Any, Any]]) -> None:
+def check(
+    mode: str, program: Program, variants: list[tuple[Any, Any]], twin: bool = True
+) -> None:
     """Run `program` in `mode` through quax and densely; raise `FuzzFailure` unless
     they agree (or quax refuses on purpose)."""
     v, dense = variants[program.seed % len(variants)]
@@ -249,7 +251,7 @@ def check(mode: str, program: Program, variants: list[tuple[Any, Any]]) -> None:
             ),
             refuses,
         )
-        other = twin(program.ops)
+        other = twin_program(program.ops) if twin else None
         if other is not None:
             skel2, literals2 = skeleton(other)
             assert skel2 == skel

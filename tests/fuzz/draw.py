@@ -31,9 +31,10 @@ def same_aval(a: Any, b: Any) -> bool:
 class Gen:
     """The drawing context of one program."""
 
-    def __init__(self, data: Any, v_aval: jax.ShapeDtypeStruct):
+    def __init__(self, data: Any, v_aval: jax.ShapeDtypeStruct, names: tuple[str, ...]):
         self.data = data
         self.v_aval = v_aval
+        self.names = names  # the catalogue names this program may use
         self.extras: list[Extra] = []
 
     # -- primitive draws ---------------------------------------------------------------
@@ -158,10 +159,10 @@ class Gen:
         """1-2 operations that keep `x`'s shape and dtype (a loop or branch body)."""
         from .ops import BODY_NAMES, CONTROL_NAMES
 
-        names = (
-            BODY_NAMES
-            if depth < MAX_DEPTH
-            else tuple(n for n in BODY_NAMES if n not in CONTROL_NAMES)
+        names = tuple(
+            n
+            for n in self.names
+            if n in BODY_NAMES and (depth < MAX_DEPTH or n not in CONTROL_NAMES)
         )
         ops = []
         for _ in range(self.integer(min_ops, 2)):
@@ -189,7 +190,7 @@ def draw_program(
     data: Any, v_aval: jax.ShapeDtypeStruct, names: tuple[str, ...], max_ops: int = 6
 ) -> Program:
     """A program of 2-`max_ops` operations from `names`, on a value of aval `v_aval`."""
-    gen = Gen(data, v_aval)
+    gen = Gen(data, v_aval, names)
     n_ops = gen.integer(2, max_ops)
     s = gen.draw(st.sampled_from(S_VALUES) | st.floats(-3, 3, width=32), label="s")
     ops = []

@@ -222,10 +222,13 @@ def iter_ops(ops: tuple) -> Any:
     for op in ops:
         yield op
         for f in dataclasses.fields(op):
-            value = getattr(op, f.name)
-            if isinstance(value, tuple):
-                for item in value:
-                    if isinstance(item, tuple):
-                        yield from iter_ops(item)
-                    elif hasattr(item, "apply"):
-                        yield from iter_ops((item,))
+            yield from _ops_in(getattr(op, f.name))
+
+
+def _ops_in(value: Any) -> Any:
+    if isinstance(value, tuple):
+        for item in value:
+            if hasattr(item, "apply"):
+                yield from iter_ops((item,))
+            else:
+                yield from _ops_in(item)
