@@ -5,6 +5,9 @@ import importlib.metadata as _metadata
 from . import (
     handlers as handlers,  # registers the higher-order primitive handlers
     lora as lora,
+    named as named,
+    prng as prng,
+    units as units,
     zero as zero,
 )
 from ._errors import (

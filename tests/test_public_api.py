@@ -23,7 +23,8 @@ def test_public_names():
         "not_handler",
         "quaxify",
     }
-    optional = {"lora", "zero", "types"}  # subpackages, present once imported
+    # Subpackages, present once imported.
+    optional = {"lora", "zero", "types", "named", "prng", "units", "examples"}
     assert expected <= public
     assert public - expected <= optional, public - expected
 
