@@ -5,6 +5,8 @@ import importlib.metadata as _metadata
 from . import (
     handlers as handlers,  # registers the higher-order primitive handlers
     lora as lora,
+    sparse as sparse,
+    structured as structured,
     zero as zero,
 )
 from ._errors import (

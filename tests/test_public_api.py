@@ -18,7 +18,7 @@ def test_public_names():
         "handlers",
         "quaxify",
     }
-    optional = {"lora", "zero", "types"}  # subpackages, present once imported
+    optional = {"lora", "zero", "types", "sparse", "structured"}  # subpackages
     assert expected <= public
     assert public - expected <= optional, public - expected
 
