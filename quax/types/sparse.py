@@ -5,6 +5,7 @@ reductions work on the stored entries only; anything else materialises (or, by
 default, refuses to: see `BCOO.allow_materialise`).
 """
 
+import functools as ft
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -140,16 +141,7 @@ class BCOO(ArrayValue):
 
     def todense(self) -> Array:
         """This array as a dense one (a scatter-add of the stored entries)."""
-        sparse_shape = self._sparse_shape()
-
-        def one(data, indices):
-            out = jnp.zeros(self._shape[self.n_batch :], data.dtype)
-            indices = _invalid_to_oob(indices, sparse_shape)
-            if not sparse_shape:
-                return out + data.sum(0)
-            return out.at[tuple(indices.T)].add(data, mode="drop")
-
-        return _over_batch(one, self.n_batch)(self.data, self.indices)
+        return _todense(self.data, self.indices, self._shape)
 
     @classmethod
     def fromdense(
@@ -178,40 +170,25 @@ class BCOO(ArrayValue):
         """
         mat = jnp.asarray(mat)
         n_sparse = mat.ndim - n_batch - n_dense
-        if n_batch < 0 or n_dense < 0 or n_sparse < 0:
+        if n_batch < 0 or n_dense < 0 or n_sparse < 1:
             raise ValueError(
                 f"`BCOO.fromdense` got n_batch={n_batch}, n_dense={n_dense} for an "
-                f"array of {mat.ndim} dims; they must be non-negative and sum to at "
-                "most its number of dims."
+                f"array of {mat.ndim} dims; they must be non-negative and leave at "
+                "least one sparse dim."
             )
-        mask = mat != 0
-        if n_dense:
-            mask = mask.any(tuple(range(mat.ndim - n_dense, mat.ndim)))
         if nse is None:
             if isinstance(mat, jax.core.Tracer):
                 raise ValueError(
                     "`BCOO.fromdense` needs a concrete array to count its nonzeros; "
                     "inside `jit` (or another transformation) pass `nse=...`."
                 )
-            counts = mask.sum(tuple(range(n_batch, mask.ndim)))
-            nse = int(counts.max()) if counts.size else 0
-        sparse_shape = mat.shape[n_batch : n_batch + n_sparse]
-
-        def one(mat, mask):
-            idx = jnp.nonzero(mask, size=nse, fill_value=sparse_shape)
-            indices = jnp.stack(idx, -1).astype(index_dtype).reshape(nse, n_sparse)
-            data = mat.at[idx].get(mode="fill", fill_value=0)
-            return data, indices
-
-        data, indices = _over_batch(one, n_batch)(mat, mask)
+            nse = int(_max_nonzeros(mat, n_batch, n_dense))
+        data, indices = _fromdense(mat, nse, n_batch, n_dense, jnp.dtype(index_dtype))
         return cls(data, indices, mat.shape, allow_materialise)
 
     def sum_duplicates(self) -> "BCOO":
         """The same array with each coordinate stored at most once (padding last)."""
-        sparse_shape = self._sparse_shape()
-        data, indices = _over_batch(
-            lambda d, i: _sum_duplicates(d, i, sparse_shape), self.n_batch
-        )(self.data, self.indices)
+        data, indices = _sum_duplicates(self.data, self.indices, self._shape)
         return self._replace(data, indices)
 
     # -- linear algebra --
@@ -593,6 +570,56 @@ builtins_slice = slice  # `slice` is a handler in BCOO's body
 
 
 # -- kernels ------------------------------------------------------------------------
+# The conversions are jitted (shapes static) so that eager calls compile once.
+
+
+@ft.partial(jax.jit, static_argnums=2)
+def _todense(data: Array, indices: Array, shape: tuple[int, ...]) -> Array:
+    n_batch = indices.ndim - 2
+    sparse_shape = shape[n_batch : n_batch + indices.shape[-1]]
+
+    def one(data, indices):
+        out = jnp.zeros(shape[n_batch:], data.dtype)
+        if not sparse_shape:
+            return out + data.sum(0)
+        indices = _invalid_to_oob(indices, sparse_shape)
+        return out.at[tuple(indices.T)].add(data, mode="drop")
+
+    return _over_batch(one, n_batch)(data, indices)
+
+
+def _nonzero_mask(mat: Array, n_dense: int) -> Array:
+    mask = mat != 0
+    return mask.any(tuple(range(mat.ndim - n_dense, mat.ndim))) if n_dense else mask
+
+
+@ft.partial(jax.jit, static_argnums=(1, 2))
+def _max_nonzeros(mat: Array, n_batch: int, n_dense: int) -> Array:
+    mask = _nonzero_mask(mat, n_dense)
+    return jnp.max(mask.sum(tuple(range(n_batch, mask.ndim))), initial=0)
+
+
+@ft.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _fromdense(mat: Array, nse: int, n_batch: int, n_dense: int, index_dtype: Any):
+    n_sparse = mat.ndim - n_batch - n_dense
+    sparse_shape = mat.shape[n_batch : n_batch + n_sparse]
+    mask = _nonzero_mask(mat, n_dense)
+
+    def one(mat, mask):
+        idx = jnp.nonzero(mask, size=nse, fill_value=sparse_shape)
+        indices = jnp.stack(idx, -1).astype(index_dtype).reshape(nse, n_sparse)
+        data = mat.at[idx].get(mode="fill", fill_value=0)
+        return data, indices
+
+    return _over_batch(one, n_batch)(mat, mask)
+
+
+@ft.partial(jax.jit, static_argnums=2)
+def _sum_duplicates(data: Array, indices: Array, shape: tuple[int, ...]):
+    n_batch = indices.ndim - 2
+    sparse_shape = shape[n_batch : n_batch + indices.shape[-1]]
+    one = ft.partial(_sum_duplicates_one, sparse_shape=sparse_shape)
+    return _over_batch(one, n_batch)(data, indices)
 
 
 def _dot_dtype(sp: BCOO, other: Any, params: dict[str, Any]) -> Any:
@@ -718,7 +745,7 @@ def _sparse_sparse(a: BCOO, b: BCOO, dimension_numbers, out_dtype) -> Any:
     return BCOO(data, indices.reshape(na * nb, len(shape)), shape, allow)
 
 
-def _sum_duplicates(data: Array, indices: Array, sparse_shape: tuple[int, ...]):
+def _sum_duplicates_one(data: Array, indices: Array, sparse_shape: tuple[int, ...]):
     """One batch element: sort by linear coordinate, add up runs of equal ones."""
     nse, index_dtype = indices.shape[0], indices.dtype
     if nse == 0 or not sparse_shape:
