@@ -7,6 +7,8 @@ from . import (
     lora as lora,
     named as named,
     prng as prng,
+    sparse as sparse,
+    structured as structured,
     units as units,
     zero as zero,
 )

@@ -24,7 +24,17 @@ def test_public_names():
         "quaxify",
     }
     # Subpackages, present once imported.
-    optional = {"lora", "zero", "types", "named", "prng", "units", "examples"}
+    optional = {
+        "examples",
+        "lora",
+        "named",
+        "prng",
+        "sparse",
+        "structured",
+        "types",
+        "units",
+        "zero",
+    }
     assert expected <= public
     assert public - expected <= optional, public - expected
 
