@@ -72,7 +72,17 @@ PARAMLESS: Final = frozenset(
     "abs sign floor ceil is_finite select_n clamp shift_left shift_right_logical "
     "shift_right_arithmetic population_count clz real imag complex square "
     "stop_gradient copy erf erfc erf_inv lgamma digamma igamma igammac polygamma zeta "
-    "bessel_i0e bessel_i1e add_any".split()
+    "bessel_i0e bessel_i1e add_any random_fold_in random_unwrap".split()
+)
+
+
+#: Methods of the value protocol itself (`ArrayValue`'s hooks), never implicit
+#: handlers even where JAX has a primitive of the same name (`stack`, `unstack`): a
+#: type that wants to handle those primitives registers a method with
+#: `@quax.handler("stack")`.
+HOOKS: Final = frozenset(
+    "aval materialise default scan_leafwise stack unstack leaf_specs "
+    "shard_structure".split()
 )
 
 
@@ -350,7 +360,7 @@ def _own_handlers(
             names, operands = mark
             for name in names:
                 out.append((name, func, attr, operands == "all"))
-        elif attr in prims and not attr.startswith("_"):
+        elif attr in prims and not attr.startswith("_") and attr not in HOOKS:
             out.append((attr, func, attr, False))  # an implicit handler
     return out
 

@@ -459,7 +459,15 @@ def _programs() -> list[Any]:
         ]  # fmt: skip
 
     add_any = jax.grad(lambda x: jnp.sum(jnp.sin(x) * x))
-    return [jax.make_jaxpr(everything)(f, i, b, c), jax.make_jaxpr(add_any)(f)]
+
+    def keys(key):
+        return jax.random.fold_in(key, 3), jax.random.key_data(key)
+
+    return [
+        jax.make_jaxpr(everything)(f, i, b, c),
+        jax.make_jaxpr(add_any)(f),
+        jax.make_jaxpr(keys)(jax.random.key(0)),
+    ]
 
 
 def test_paramless_primitives_are_bound_without_parameters():
