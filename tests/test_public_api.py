@@ -10,16 +10,31 @@ def test_public_names():
     expected = {
         "ArrayValue",
         "HandlerResultError",
+        "HandlerSignatureError",
         "NoHandlerError",
         "QuaxError",
         "QuaxifyTypeError",
+        "QuaxWarning",
         "Value",
+        "handler",
         "handler_name",
         "handlers",
+        "leaf_shardings",
+        "not_handler",
         "quaxify",
     }
     # Subpackages, present once imported.
-    optional = {"lora", "zero", "types", "named", "prng", "units", "examples"}
+    optional = {
+        "examples",
+        "lora",
+        "named",
+        "prng",
+        "sparse",
+        "structured",
+        "types",
+        "units",
+        "zero",
+    }
     assert expected <= public
     assert public - expected <= optional, public - expected
 

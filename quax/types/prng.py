@@ -105,7 +105,9 @@ class PRNG(ArrayValue):
     # -- the user-level API (as the Quax library's PRNG) --------------------------------
 
     @abc.abstractmethod
-    def random_bits(self, bit_width: int, shape: tuple[int, ...]) -> Array:
+    def random_bits(
+        self, bit_width: int, shape: tuple[int, ...], **params: Any
+    ) -> Array:
         """Random unsigned integers of `bit_width` bits and shape `key.shape + shape`.
         Also the handler of the `random_bits` primitive (`jax.random.bits`,
         `uniform`, `normal`, ... under `quaxify`)."""
@@ -192,7 +194,9 @@ class ThreeFry(PRNG):
         flat = jax.vmap(one)(seed.reshape(-1))
         self.data = flat.reshape(*seed.shape, *flat.shape[1:])
 
-    def random_bits(self, bit_width: int, shape: Sequence[int]) -> Array:
+    def random_bits(self, bit_width: int, shape: Sequence[int], **params: Any) -> Array:
+        if params:  # a parameter of a later JAX this handler does not know
+            return NotImplemented
         return jexc.primitives.random_bits_p.bind(
             self.materialise(), bit_width=bit_width, shape=tuple(shape)
         )
