@@ -298,7 +298,7 @@ class NamedArray(ArrayValue):
 
     def aval(self) -> jax.core.ShapedArray:
         aval = jax.typeof(self.array)
-        return jax.core.ShapedArray(aval.shape, aval.dtype)
+        return jax.core.ShapedArray(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
     def materialise(self) -> Array:
         if not self.allow_materialise:

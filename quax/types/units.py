@@ -322,7 +322,7 @@ class Unitful(ArrayValue):
 
     def aval(self) -> jax.core.ShapedArray:
         aval = jax.typeof(self.array)
-        return jax.core.ShapedArray(aval.shape, aval.dtype)
+        return jax.core.ShapedArray(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
     def materialise(self) -> Any:
         raise UnitError(_MSG_MATERIALISE.format(unit=self.unit))
