@@ -167,6 +167,20 @@ class Zero(ArrayValue):
             return _all_zero(primitive, operands, params, data=slice(None))
         return NotImplemented
 
+    # -- slicing and stacking (`lax.scan` xs and ys): no arrays at all --
+
+    def unstack(self, length: int):
+        """A zero scanned over is a zero in every step: nothing to slice."""
+        if not self._shape or self._shape[0] != length:
+            return None
+        piece = Zero(self._shape[1:], self._dtype, weak_type=self._weak_type)
+        return (), lambda _: piece
+
+    def stack(self, length: int):
+        """Zeros from every step stack into one zero: nothing to stack."""
+        whole = Zero((length, *self._shape), self._dtype, weak_type=self._weak_type)
+        return (), lambda _: whole
+
     # -- shape: a zero of the new shape (other operands are indices or sizes) --
 
     broadcast_in_dim = _keeps_zero(lax.broadcast_in_dim_p)
