@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.core
+import jax.extend.core as jexc
 import jax.tree_util as jtu
 
 from .. import _compat
@@ -29,11 +30,14 @@ from .._errors import (
     format_site,
 )
 from .._values import ArrayValue, aval_of
-from .._walker import register, walk_closed
+from .._walker import bind, register, walk_closed
 from ._common import (
     abstract_call,
     dense,
+    flatten_operands,
+    leaf_specs,
     leaf_type,
+    unflatten_operands,
     value_types,
 )
 
@@ -52,22 +56,84 @@ def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
-    carry = invals[n_cond + n_body :]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
 
     def step(carry: list[Any]) -> list[Any]:
         return walk_closed(body_jaxpr, [*body_consts, *carry])
 
+    carry = invals[n_cond + n_body :]
     to_dense = _settle(lambda c: abstract_call(step, c), carry, eqn)
+    carry = _densify_at(carry, to_dense, eqn)
+    cond_leaves, cond_spec = flatten_operands(cond_consts)
+    body_leaves, body_spec = flatten_operands(body_consts)
+    carry_leaves, carry_spec = flatten_operands(carry)
+    n_cc, n_bc = len(cond_leaves), len(body_leaves)
 
-    def cond_fn(carry: list[Any]) -> Any:
-        (pred,) = walk_closed(cond_jaxpr, [*cond_consts, *carry])
+    def cond_fn(*leaves: Any) -> Any:
+        consts = unflatten_operands(leaves[:n_cc], cond_spec)
+        (pred,) = walk_closed(
+            cond_jaxpr, [*consts, *unflatten_operands(leaves[n_cc:], carry_spec)]
+        )
         return dense(pred, eqn, invals)
 
-    def body_fn(carry: list[Any]) -> list[Any]:
-        return _densify_at(step(carry), to_dense, eqn)
+    # Leaves whose weak type the body changes are made strong on both sides, as
+    # `lax.while_loop` does (a carry's leaf types must agree across iterations).
+    strong: frozenset[int] = frozenset()
 
-    return list(jax.lax.while_loop(cond_fn, body_fn, _densify_at(carry, to_dense, eqn)))
+    def body_fn(*leaves: Any) -> list[Any]:
+        consts = unflatten_operands(leaves[:n_bc], body_spec)
+        carry = unflatten_operands(leaves[n_bc:], carry_spec)
+        outs = walk_closed(body_jaxpr, [*consts, *carry])
+        out_leaves, out_spec = flatten_operands(_densify_at(outs, to_dense, eqn))
+        if out_spec != carry_spec:
+            raise QuaxBugError(_MSG_BUG.format(what="while carry types changed"))
+        return [_strong(x) if i in strong else x for i, x in enumerate(out_leaves)]
+
+    body_closed, body_hoisted = _trace(body_fn, [*body_leaves, *carry_leaves])
+    out_weak = [getattr(a, "weak_type", False) for a in body_closed.out_avals]
+    in_weak = [leaf_spec.weak_type for leaf_spec in leaf_specs(carry_leaves)]
+    strong = frozenset(
+        i for i, (a, b) in enumerate(zip(in_weak, out_weak, strict=True)) if a != b
+    )
+    if strong:
+        carry_leaves = [
+            _strong(x) if i in strong else x for i, x in enumerate(carry_leaves)
+        ]
+        body_closed, body_hoisted = _trace(body_fn, [*body_leaves, *carry_leaves])
+    cond_closed, cond_hoisted = _trace(cond_fn, [*cond_leaves, *carry_leaves])
+    # `while` is bound directly (not through `lax.while_loop`), so a loop that vmap
+    # gave a batched predicate (its cond returns an array of bools) keeps JAX's own
+    # rules for it.
+    new_params = dict(
+        params,
+        cond_jaxpr=cond_closed,
+        body_jaxpr=body_closed,
+        cond_nconsts=len(cond_hoisted) + n_cc,
+        body_nconsts=len(body_hoisted) + n_bc,
+    )
+    operands = [
+        *cond_hoisted,
+        *cond_leaves,
+        *body_hoisted,
+        *body_leaves,
+        *carry_leaves,
+    ]
+    return unflatten_operands(bind(eqn, operands, new_params), carry_spec)
+
+
+def _trace(fn: Callable[..., Any], leaves: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """`fn` traced on the types of `leaves` to a jaxpr with no constants (`while`
+    takes its constants as operands), and the constants it closed over."""
+    closed = jax.make_jaxpr(fn)(*leaf_specs(leaves))
+    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
+    return jexc.ClosedJaxpr(jaxpr, ()), list(closed.consts)
+
+
+def _strong(x: Any) -> Any:
+    """`x` with a strong type (a weakly typed leaf becomes an ordinary one)."""
+    if getattr(jax.typeof(x), "weak_type", False):
+        return jax.lax.convert_element_type(x, jax.typeof(x).dtype)
+    return x
 
 
 @register(_compat.scan_p)
