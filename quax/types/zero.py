@@ -151,6 +151,14 @@ class Zero(ArrayValue):
     def concatenate(self, *others: Any, **params):
         return _all_zero(lax.concatenate_p, (self, *others), params, data=slice(None))
 
+    def dynamic_update_slice(self, update: Any, *indices: Any, **params):
+        """Zeros written into zeros leave zeros."""
+        if not isinstance(update, Zero):
+            return NotImplemented
+        return _zero(
+            _out_struct(lax.dynamic_update_slice_p, (self, update, *indices), params)
+        )
+
     def pad(self, padding_value: Any, /, **params):
         """Zero when the padding value is a zero known while tracing."""
         if not (isinstance(padding_value, Zero) or _is_known_zero(padding_value)):
