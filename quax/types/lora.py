@@ -6,6 +6,7 @@ and multiplication or division by a scalar by keeping the structure. Everything 
 materialises `w + a @ b` if `allow_materialise=True`, and is an error otherwise.
 """
 
+import functools as ft
 import re
 import typing
 from collections.abc import Callable, Hashable, Sequence
@@ -150,6 +151,13 @@ class LoraArray(ArrayValue):
         over one `LoraArray` per layer, so LoRA's handlers run in the scanned body; a
         single matrix (whose `b` has no layer axis) never is."""
         return self.w.ndim >= 3
+
+    def stack(self, length: int):
+        """Adapted matrices from every step of a scan stack leaf by leaf into one
+        `LoraArray` with a leading axis (`w`, `a` and `b` each stacked), also when
+        each step's matrix is 2-D."""
+        leaves, treedef = jtu.tree_flatten(self)
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
 
     # -- linear algebra --
 

@@ -154,6 +154,14 @@ class Zero(ArrayValue):
     def concatenate(self, *others: Any, **params):
         return _all_zero(lax.concatenate_p, (self, *others), params, data=slice(None))
 
+    def dynamic_update_slice(self, update: Any, *indices: Any, **params):
+        """Zeros written into zeros leave zeros."""
+        if not isinstance(update, Zero):
+            return NotImplemented
+        return _zero(
+            _out_struct(lax.dynamic_update_slice_p, (self, update, *indices), params)
+        )
+
     def pad(self, padding_value: Any, /, **params):
         """Zero when the padding value is a zero known while tracing."""
         if not (isinstance(padding_value, Zero) or _is_known_zero(padding_value)):
@@ -169,6 +177,20 @@ class Zero(ArrayValue):
         if primitive is lax.concatenate_p:
             return _all_zero(primitive, operands, params, data=slice(None))
         return NotImplemented
+
+    # -- slicing and stacking (`lax.scan` xs and ys): no arrays at all --
+
+    def unstack(self, length: int):
+        """A zero scanned over is a zero in every step: nothing to slice."""
+        if not self._shape or self._shape[0] != length:
+            return None
+        piece = Zero(self._shape[1:], self._dtype, weak_type=self._weak_type)
+        return (), lambda _: piece
+
+    def stack(self, length: int):
+        """Zeros from every step stack into one zero: nothing to stack."""
+        whole = Zero((length, *self._shape), self._dtype, weak_type=self._weak_type)
+        return (), lambda _: whole
 
     # -- shape: a zero of the new shape (other operands are indices or sizes) --
 
