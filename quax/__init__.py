@@ -9,11 +9,15 @@ from . import (
 )
 from ._errors import (
     HandlerResultError as HandlerResultError,
+    MaterialiseError as MaterialiseError,
+    MaterialiseWarning as MaterialiseWarning,
     NoHandlerError as NoHandlerError,
     QuaxError as QuaxError,
     QuaxifyTypeError as QuaxifyTypeError,
 )
+from ._explain import explain as explain
 from ._quaxify import quaxify as quaxify
+from ._strict import strict as strict
 from ._values import (
     ArrayValue as ArrayValue,
     Value as Value,

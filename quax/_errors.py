@@ -160,3 +160,24 @@ def describe_aval(aval: Any) -> str:
     if shape is None or dtype is None:
         return f"{aval!r}"
     return f"{dtype}{list(shape)}"
+
+
+# -- strict mode (appended by helper trust) ---------------------------------------------
+
+
+class MaterialiseError(QuaxError, TypeError):
+    """In strict mode (`quax.strict()`, `quaxify(fn, materialise="error")`), quax
+    would have materialised a value implicitly."""
+
+
+class MaterialiseWarning(UserWarning):
+    """In `materialise="warn"` mode, quax materialised a value implicitly."""
+
+
+_MSG_MATERIALISE: Final = """\
+quax: `{prim}` would materialise a {cls} into a dense array (operands: {types}), at
+  {site}
+Strict mode ("{mode}") reports every implicit materialisation.
+To fix: give {cls} a handler `{handler}` (or a `default`), materialise the value
+yourself before the call if dense is what you mean, or allow it for this function
+with `quax.quaxify(fn, materialise="allow")`."""
