@@ -194,6 +194,16 @@ def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
     return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
 
 
+#: Unary primitives computed while tracing when their operand is a scalar literal: pure
+#: functions of that operand alone. Never a collective (`pvary 2.0` and `psum 1` depend
+#: on the axes of an enclosing `shard_map`), a random or a higher-order primitive.
+_FOLDABLE = frozenset(
+    "convert_element_type broadcast_in_dim reshape squeeze expand_dims copy neg sign "
+    "abs exp exp2 log log1p expm1 sqrt rsqrt cbrt sin cos tan asin acos atan sinh "
+    "cosh tanh asinh acosh atanh logistic floor ceil round not integer_pow "
+    "is_finite real imag conj square reduce_precision".split()
+)
+
 _Run = list[tuple[Any, tuple[Any, ...], bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
@@ -228,9 +238,7 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
         # while tracing (`convert_element_type 0`), so handlers downstream see the
         # value: `jnp.pad(zero, 1)` stays a Zero.
         foldable = (
-            len(eqn.invars) == 1
-            and not eqn.effects
-            and eqn.primitive not in HIGHER_ORDER
+            len(eqn.invars) == 1 and not eqn.effects and eqn.primitive.name in _FOLDABLE
         )
         plan[-1][1].append((eqn, tuple(d), foldable))
     with _PLANS_LOCK:  # a WeakKeyDictionary is not safe to write from two threads

@@ -20,6 +20,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._values import ArrayValue, Value, handler_name
+from .._walker import static_key
 
 
 def _keeps_zero(prim: jexc.Primitive, *, nonempty: bool = False) -> Callable[..., Any]:
@@ -82,6 +83,9 @@ class Zero(ArrayValue):
 
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self._shape, self._dtype, weak_type=self._weak_type)
+
+    def shard_structure(self, shape: tuple[int, ...]) -> "Zero":
+        return Zero(shape, self._dtype, weak_type=self._weak_type)
 
     def materialise(self) -> Array:
         return jnp.zeros(self._shape, self._dtype)
@@ -263,13 +267,15 @@ def _out_struct(
     evaluation only, so nothing is emitted into the surrounding trace."""
     structs = tuple(_struct(x) for x in operands)
     try:
-        return _cached_out_struct(prim, structs, tuple(sorted(params.items())))
+        items = tuple(sorted(params.items()))
+        # `static_key` too: `==` merges `0.0`/`-0.0` and `1`/`1.0`/`True`.
+        return _cached_out_struct(prim, structs, items, static_key(items))
     except TypeError:  # an unhashable param: evaluate without the cache
         return _eval_out_struct(prim, structs, params)
 
 
 @ft.lru_cache(maxsize=4096)
-def _cached_out_struct(prim, structs, items) -> jax.ShapeDtypeStruct:
+def _cached_out_struct(prim, structs, items, strict_key) -> jax.ShapeDtypeStruct:
     return _eval_out_struct(prim, structs, dict(items))
 
 
