@@ -14,6 +14,7 @@ import jax.core
 import numpy as np
 
 from .. import _compat
+from .._strict import STATE
 from .._walker import (
     TraceCache,
     bind,
@@ -49,7 +50,10 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     literals = tuple(
         _literal_key(x) if f else None for x, f in zip(invals, folded, strict=True)
     )
-    key = (closed, literals, operands_key(leaves, spec))
+    # The walk depends on the strict mode; `quax.explain` walks every time.
+    key = None
+    if STATE.recorder is None:
+        key = (closed, literals, operands_key(leaves, spec), STATE.mode)
     entry = JIT_TRACES.get(key)
     if entry is None:
         entry = _walk_to_jaxpr(closed, invals, folded, leaves, spec)
