@@ -32,6 +32,7 @@ BENCHES = (
     "eager",
     "lora_runtime",
     "zero",
+    "sparse", "structured",
 )
 OURS, THEIRS = "quax", "quax-pypi"
 
