@@ -32,7 +32,8 @@ BENCHES = (
     "eager",
     "lora_runtime",
     "zero",
-    "sparse", "structured",
+    "sparse",
+    "structured",
 )
 OURS, THEIRS = "quax", "quax-pypi"
 
