@@ -18,6 +18,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree, Shaped
 
 from .._values import ArrayValue
@@ -122,6 +123,15 @@ class LoraArray(ArrayValue):
 
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def leaf_specs(self, spec: PartitionSpec) -> "LoraArray":
+        """`w` is placed as asked; `a` follows `w`'s row axis and `b` its column
+        axis, the rank axis replicated: each shard of `w + a @ b` is then computed from
+        local shards alone."""
+        *batch, rows, cols = (*spec, *[None] * (len(self.w.shape) - len(spec)))
+        w = self.w.leaf_specs(spec) if isinstance(self.w, ArrayValue) else spec
+        a, b = PartitionSpec(*batch, rows, None), PartitionSpec(*batch, None, cols)
+        return eqx.tree_at(lambda x: (x.w, x.a, x.b), self, (w, a, b))
 
     def materialise(self) -> Shaped[Array, "*batch n m"]:
         if not self.allow_materialise:
