@@ -142,3 +142,16 @@ def test_control_flow_keeps_names(getkey):
     h, _, g = quax.quaxify(control_flow)(jnp.ones((4, 3)), h0, jnp.eye(3), 0.5)
     assert isinstance(h, NamedArray) and h.axes == ("b",)
     assert isinstance(g, NamedArray) and g.axes == ("b",)
+
+
+def test_outer_product_of_one_name():
+    v = NamedArray(jnp.arange(3.0), ("b",))
+    with pytest.raises(AxisNameError, match="two positions"):
+        quax.quaxify(jnp.outer)(v, v)
+    w = v.enable_materialise()
+    np.testing.assert_allclose(
+        quax.quaxify(jnp.outer)(w, w), jnp.outer(v.array, v.array)
+    )
+    out = quax.quaxify(jnp.outer)(v, v.rename({"b": "c"}))
+    assert out.axes == ("b", "c")
+    np.testing.assert_allclose(out.array, jnp.outer(v.array, v.array))

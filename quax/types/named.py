@@ -19,6 +19,7 @@ import jax.lax as lax
 import numpy as np
 from jaxtyping import Array
 
+from .._table import handler
 from .._values import ArrayValue
 
 
@@ -93,6 +94,21 @@ def _layout(named: Sequence["NamedArray"], shape: tuple[int, ...], what: str) ->
     return layout
 
 
+def _moved_off_data(
+    named: Sequence["NamedArray"], layout: Sequence[Any], shape: tuple[int, ...]
+) -> Any:
+    """A name that realigning would move away from a position where JAX's result
+    varies and no name takes over (`outer(v, v)` with `v` named `b`): the positional
+    program and the names disagree. None if there is no such name."""
+    for x in named:
+        for pos, name in enumerate(x.axes):
+            if not _is_name(name) or layout[pos] == name:
+                continue
+            if not _is_name(layout[pos]) and shape[pos] != 1:
+                return name
+    return None
+
+
 def _realign(x: "NamedArray", layout: Sequence[Any], shape: tuple[int, ...], what: str):
     """`x`'s array arranged as `layout` (of `shape`): its broadcast axes dropped, its
     named axes transposed to their places, and broadcast over the rest."""
@@ -164,6 +180,17 @@ def _elementwise(prim: jexc.Primitive, operands: Sequence[Any], params: dict) ->
                 "ambiguous.\nTo fix: wrap the plain array as a `NamedArray`."
             )
         layout = _layout(full, shape, prim.name)
+        clash = _moved_off_data(full, layout, shape)
+        if clash is not None:
+            if like.allow_materialise:
+                return NotImplemented  # the positional result, without names
+            raise AxisNameError(
+                f"quax: `{prim.name}` of named arrays with axes "
+                f"{', '.join(str(x.axes) for x in full)}: JAX's result (shape {shape}) "
+                f"varies along two positions that both carry axis {clash!r}.\n"
+                "To fix: rename one of them (`x.rename(...)`), e.g. for an outer "
+                "product of an axis with itself."
+            )
         arrays = [
             _realign(x, layout, shape, prim.name)
             if x in full
@@ -327,26 +354,33 @@ class NamedArray(ArrayValue):
     ge, rge = _nary(P.ge_p)
     add_any, radd_any = _nary(P.add_jaxvals_p)
 
+    # -- named arrays at any operand position --
+
+    @handler("select_n", operands="all")
     @staticmethod
-    def default(
-        primitive: jexc.Primitive, operands: tuple[Any, ...], params: dict[str, Any]
-    ) -> Any:
-        """Named arrays at any operand position: `select_n` (`jnp.where`) and `clamp`
-        align by name; `concatenate` needs the same names on every operand."""
-        if primitive in (P.select_n_p, P.clamp_p):
-            return _elementwise(primitive, operands, params)
-        if primitive is P.concatenate_p:
-            named = [x for x in operands if isinstance(x, NamedArray)]
-            if len(named) != len(operands):
-                return NotImplemented
-            if any(x.axes != named[0].axes for x in named):
-                raise AxisNameError(
-                    "quax: `concatenate` of named arrays with different axes: "
-                    f"{', '.join(str(x.axes) for x in named)}."
-                )
-            out = primitive.bind(*(x.array for x in named), **params)
-            return named[0]._with(out, named[0].axes)
-        return NotImplemented
+    def _where(*operands: Any, **params: Any) -> Any:
+        """`jnp.where`, `lax.select_n`: the predicate and cases aligned by name."""
+        return _elementwise(P.select_n_p, operands, params)
+
+    @handler("clamp", operands="all")
+    @staticmethod
+    def _clamp(*operands: Any, **params: Any) -> Any:
+        return _elementwise(P.clamp_p, operands, params)
+
+    @handler("concatenate", operands="all")
+    @staticmethod
+    def _concatenate(*operands: Any, **params: Any) -> Any:
+        """`jnp.concatenate`: every operand named, with the same names."""
+        named = [x for x in operands if isinstance(x, NamedArray)]
+        if len(named) != len(operands):
+            return NotImplemented
+        if any(x.axes != named[0].axes for x in named):
+            raise AxisNameError(
+                "quax: `concatenate` of named arrays with different axes: "
+                f"{', '.join(str(x.axes) for x in named)}."
+            )
+        out = P.concatenate_p.bind(*(x.array for x in named), **params)
+        return named[0]._with(out, named[0].axes)
 
     # -- unary elementwise: the same axes --
 

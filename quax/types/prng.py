@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from .._quaxify import quaxify
+from .._table import handler, not_handler
 from .._values import ArrayValue
 
 
@@ -104,19 +105,16 @@ class PRNG(ArrayValue):
 
     # -- the user-level API (as the Quax library's PRNG) --------------------------------
 
+    @not_handler  # the primitive's handler is `_random_bits` below
     @abc.abstractmethod
-    def random_bits(
-        self, bit_width: int, shape: tuple[int, ...], **params: Any
-    ) -> Array:
-        """Random unsigned integers of `bit_width` bits and shape `key.shape + shape`.
-        Also the handler of the `random_bits` primitive (`jax.random.bits`,
-        `uniform`, `normal`, ... under `quaxify`)."""
+    def random_bits(self, bit_width: int, shape: tuple[int, ...]) -> Array:
+        """Random unsigned integers of `bit_width` bits and shape `key.shape + shape`
+        (`jax.random.bits`, `uniform`, `normal`, ... reach it under `quaxify`)."""
 
-    def split(self, num: int = 2, **params: Any) -> Any:
+    @not_handler  # `split` is also `lax.split`'s handler name
+    def split(self, num: int = 2) -> tuple["PRNG", ...]:
         """`num` independent keys, as a tuple (`jax.random.split(key, num)` under
         `quaxify` gives one key of shape `(num,)` instead)."""
-        if params:  # called as the handler of `lax.split`: not ours
-            return NotImplemented
         keys = jax.random.split(self.materialise(), num)
         return tuple(self._rewrap(k) for k in keys)
 
@@ -125,6 +123,10 @@ class PRNG(ArrayValue):
         return self._rewrap(jax.random.fold_in(self.materialise(), data))
 
     # -- handlers ------------------------------------------------------------------
+
+    @handler("random_bits")
+    def _random_bits(self, /, *, bit_width: int, shape: tuple[int, ...]) -> Array:
+        return self.random_bits(bit_width, shape)
 
     def random_split(self, /, *, shape: tuple[int, ...]) -> "PRNG":
         return self._rewrap(jax.random.split(self.materialise(), shape))
@@ -137,11 +139,26 @@ class PRNG(ArrayValue):
     def random_unwrap(self, /) -> Array:
         return self.data
 
+    @handler("select_n", operands="all")
+    @staticmethod
+    def _where(which: ArrayLike, *cases: "PRNG", **params: Any) -> "PRNG":
+        """`jnp.where(c, k1, k2)`, `lax.select_n`: the keys chosen, bits by bits."""
+        like = cases[0]
+        if any(type(k) is not type(like) for k in cases):
+            return NotImplemented
+        datas = [k.data for k in cases]
+        # The predicate has the keys' batch shape; the bits have trailing axes.
+        pred = jnp.asarray(which)
+        pred = pred.reshape(*pred.shape, *([1] * _data_ndim(like.impl)))
+        pred = jnp.broadcast_to(pred, datas[0].shape)
+        out = jax.lax.select_n(pred, *datas)
+        return eqx.tree_at(lambda k: k.data, like, out)
+
     @staticmethod
     def default(
         primitive: jexc.Primitive, operands: tuple[Any, ...], params: dict[str, Any]
     ) -> Any:
-        """Any primitive JAX defines on keys (`select_n`, `broadcast_in_dim`,
+        """Any other primitive JAX defines on keys (`broadcast_in_dim`,
         `reshape`, `slice`, `concatenate`, ...): run on JAX's typed keys, keys out
         wrapped back as the class of the first key operand."""
         keys = [x for x in operands if isinstance(x, PRNG)]
@@ -194,9 +211,8 @@ class ThreeFry(PRNG):
         flat = jax.vmap(one)(seed.reshape(-1))
         self.data = flat.reshape(*seed.shape, *flat.shape[1:])
 
-    def random_bits(self, bit_width: int, shape: Sequence[int], **params: Any) -> Array:
-        if params:  # a parameter of a later JAX this handler does not know
-            return NotImplemented
+    @not_handler
+    def random_bits(self, bit_width: int, shape: Sequence[int]) -> Array:
         return jexc.primitives.random_bits_p.bind(
             self.materialise(), bit_width=bit_width, shape=tuple(shape)
         )

@@ -9,7 +9,7 @@ array, and a quantity never becomes a plain array silently.
 """
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -17,9 +17,11 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.extend.core as jexc
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
+from .._table import handler
 from .._values import ArrayValue
 
 
@@ -248,6 +250,10 @@ def _in_unit(x: Any, unit: Unit, what: str) -> Any:
     )
 
 
+def _first_unit(operands: Sequence[Any]) -> Unit:
+    return next(x.unit for x in operands if isinstance(x, Unitful))
+
+
 def _compatible(prim: jexc.Primitive, *, plain: bool = False) -> tuple[Any, Any]:
     """Handlers `(forward, reflected)` for a binary primitive whose operands must have
     compatible units; the result has the left operand's unit (`plain`: no unit)."""
@@ -311,7 +317,7 @@ class Unitful(ArrayValue):
     dimensionless result is a plain array (`km / m` gives numbers times 1000).
     """
 
-    array: ArrayLike
+    array: Array = eqx.field(converter=jnp.asarray)
     unit: Unit = eqx.field(static=True, converter=_as_unit)
 
     def aval(self) -> jax.core.ShapedArray:
@@ -339,7 +345,7 @@ class Unitful(ArrayValue):
 
     def to_value(self, unit: Unit) -> Array:
         """This quantity's numbers in `unit`: `(3 * km).to_value(m) == 3000`."""
-        return self.to(unit).array  # pyright: ignore[reportReturnType]
+        return self.to(unit).array
 
     # -- units combine --
 
@@ -414,24 +420,45 @@ class Unitful(ArrayValue):
     gt, rgt = _compatible(P.gt_p, plain=True)
     ge, rge = _compatible(P.ge_p, plain=True)
 
+    # -- quantities at any operand position: all converted to the first's unit --
+
+    @handler("select_n", operands="all")
     @staticmethod
-    def default(
-        primitive: jexc.Primitive, operands: tuple[Any, ...], params: dict[str, Any]
-    ) -> Any:
-        """Primitives where quantities may sit at any operand position
-        (`select_n`'s cases, `concatenate`, `clamp`, `dynamic_update_slice`, `pad`):
-        every quantity operand is converted to the first one's unit."""
-        roles = _SEVERAL.get(primitive)
-        if roles is None:
-            return NotImplemented
-        quantities = operands[roles]
-        unit = next(x.unit for x in quantities if isinstance(x, Unitful))
-        converted = [_in_unit(x, unit, primitive.name) for x in quantities]
-        new = list(operands)
-        new[roles] = converted
-        if any(isinstance(x, Unitful) for x in new):
-            return NotImplemented  # a quantity where a plain array belongs (an index)
-        return _wrap(primitive.bind(*new, **params), unit)
+    def _where(which: ArrayLike, *cases: Any, **params: Any) -> Any:
+        if isinstance(which, Unitful):
+            return NotImplemented  # a quantity as the predicate
+        unit = _first_unit(cases)
+        arrays = [_in_unit(x, unit, "select_n") for x in cases]
+        return Unitful(P.select_n_p.bind(which, *arrays, **params), unit)
+
+    @handler("concatenate", operands="all")
+    @staticmethod
+    def _concatenate(*operands: Any, **params: Any) -> Any:
+        unit = _first_unit(operands)
+        arrays = [_in_unit(x, unit, "concatenate") for x in operands]
+        return Unitful(P.concatenate_p.bind(*arrays, **params), unit)
+
+    @handler("clamp", operands="all")
+    @staticmethod
+    def _clamp(lo: Any, x: Any, hi: Any, **params: Any) -> Any:
+        unit = _first_unit((x, lo, hi))
+        lo, x, hi = (_in_unit(y, unit, "clamp") for y in (lo, x, hi))
+        return Unitful(P.clamp_p.bind(lo, x, hi, **params), unit)
+
+    @handler("dynamic_update_slice", operands="all")
+    @staticmethod
+    def _update(operand: Any, update: Any, *indices: ArrayLike, **params: Any) -> Any:
+        unit = _first_unit((operand, update))
+        operand, update = (_in_unit(y, unit, "update") for y in (operand, update))
+        out = P.dynamic_update_slice_p.bind(operand, update, *indices, **params)
+        return Unitful(out, unit)
+
+    @handler("pad", operands="all")
+    @staticmethod
+    def _pad(operand: Any, padding_value: Any, **params: Any) -> Any:
+        unit = _first_unit((operand, padding_value))
+        operand, value = (_in_unit(y, unit, "pad") for y in (operand, padding_value))
+        return Unitful(P.pad_p.bind(operand, value, **params), unit)
 
     # -- the same unit --
 
@@ -515,14 +542,3 @@ class Unitful(ArrayValue):
             self.array, *stripped, const_lengths=const_lengths, **params
         )
         return [_wrap(x, _split(b)[1] / self.unit) for x in out]
-
-
-#: Primitives where quantities may sit at several positions: which operands must share
-#: a unit (the rest are plain: a predicate, indices).
-_SEVERAL: dict[jexc.Primitive, slice] = {
-    P.select_n_p: slice(1, None),
-    P.concatenate_p: slice(None),
-    P.clamp_p: slice(None),
-    P.dynamic_update_slice_p: slice(0, 2),
-    P.pad_p: slice(0, 2),
-}
