@@ -5,6 +5,7 @@ import importlib.metadata as _metadata
 from . import (
     handlers as handlers,  # registers the higher-order primitive handlers
     lora as lora,
+    quantized as quantized,
     zero as zero,
 )
 from ._errors import (

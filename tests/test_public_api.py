@@ -18,7 +18,7 @@ def test_public_names():
         "handlers",
         "quaxify",
     }
-    optional = {"lora", "zero", "types"}  # subpackages, present once imported
+    optional = {"lora", "quantized", "zero", "types"}  # subpackages, once imported
     assert expected <= public
     assert public - expected <= optional, public - expected
 
