@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo demo-sharded lint bench clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 test: $(VENV)/.installed-test
 	JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q
 
+# The differential fuzzer alone, for as long as asked: FUZZ_EXAMPLES programs per (type,
+# mode) test, on every core. Each failure prints its seed, program and a replay command.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(VENV)/.installed-test
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q tests/test_fuzz.py
+
 demo: $(VENV)/.installed-demo
 	JAX_PLATFORMS=cpu $(PY) examples/lora_finetune.py
+
+# The sharded fine-tune of issue 11, on 8 CPU devices.
+demo-sharded: $(VENV)/.installed-demo
+	JAX_PLATFORMS=cpu $(PY) examples/lora_sharded.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check quax tests benchmarks examples

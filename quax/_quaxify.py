@@ -12,7 +12,7 @@ import numpy as np
 from . import _compat
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
 from ._values import Value, aval_of, is_value
-from ._walker import TraceCache, walk_closed
+from ._walker import TraceCache, aval_key, static_key, treedef_key, walk_closed
 
 
 #: Traces of quaxified functions, shared by every `quaxify` wrapper.
@@ -168,7 +168,10 @@ def _spec(aval: Any) -> jax.ShapeDtypeStruct:
 
 
 def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
-    """Everything the traced program depends on, or None if it cannot be keyed."""
+    """Everything the traced program depends on, or None if it cannot be keyed:
+    structures and static leaves by `treedef_key`/`static_key` (so `f(v, 0.0)` and
+    `f(v, -0.0)`, or `f(v, 1)` and `f(v, True)`, are different programs), the avals
+    with weak types, and JAX's configuration."""
     pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
     if any(is_value(x) or _is_array(x) for x in pass_leaves):
         return None  # values passed through are closed over: never reused
@@ -176,22 +179,25 @@ def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
     parts: list[Any] = []
     for i, x in enumerate(leaves):  # in leaf order: `f(2.0, v)` is not `f(v, 2.0)`
         if i not in avals_at:
-            parts.append(("static", type(x), x))
+            parts.append(("static", static_key(x)))
         elif is_value(x):
             vleaves, vtreedef = jtu.tree_flatten(x)
-            parts.append((vtreedef, tuple(_aval_key(jax.typeof(v)) for v in vleaves)))
+            vavals = tuple(aval_key(jax.typeof(v)) for v in vleaves)
+            parts.append((treedef_key(vtreedef), vavals))
         else:
-            parts.append(_aval_key(avals_at[i]))
-    key = (treedef, tuple(parts), pass_treedef, tuple(pass_leaves))
+            parts.append(aval_key(avals_at[i]))
+    key = (
+        treedef_key(treedef),
+        tuple(parts),
+        treedef_key(pass_treedef),
+        tuple(static_key(x) for x in pass_leaves),
+        _compat.trace_context(),
+    )
     try:
         hash(key)
     except TypeError:
         return None
     return key
-
-
-def _aval_key(aval: Any) -> Any:
-    return (aval.shape, aval.dtype, aval.weak_type)
 
 
 def _as_output(x: Any) -> Any:

@@ -7,7 +7,6 @@ plain array (`materialise()`), and handles primitives with methods named after t
 import abc
 import functools as ft
 import inspect
-import keyword
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,34 +24,12 @@ from ._errors import (
     HandlerResultError,
     describe_aval,
 )
-
-
-def handler_name(prim_name: str) -> str:
-    """The method name that handles the primitive called `prim_name`.
-
-    `eqn.primitive.name` as an identifier: hyphens become underscores (`scatter-add` ->
-    `scatter_add`) and Python keywords get a trailing underscore (`and` -> `and_`), as
-    in the `operator` module. The reflected handler is `"r" + handler_name(...)`.
-    """
-    name = prim_name.replace("-", "_")
-    return name + "_" if keyword.iskeyword(name) else name
-
-
-@ft.cache
-def primitive_handler_names() -> dict[str, str]:
-    """Every handler name of the primitives JAX exports, forward and reflected,
-    mapped to the primitive's name. Computed from `jax.lax` and
-    `jax.extend.core.primitives`, never kept by hand."""
-    names: dict[str, str] = {}
-    for module in (jax.lax, jexc.primitives):
-        for attr in dir(module):
-            prim = getattr(module, attr, None)
-            if isinstance(prim, jexc.Primitive):
-                name = handler_name(prim.name)
-                names.setdefault(name, prim.name)
-                names.setdefault("r" + name, prim.name)
-    # Names that clash with helpers every Value has are not primitives of interest.
-    return names
+from ._table import (
+    build_table,
+    handler_name as handler_name,
+    is_not_handler,
+    primitive_handler_names as primitive_handler_names,
+)
 
 
 def is_value(x: Any) -> bool:
@@ -80,6 +57,7 @@ class Value(eqx.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_namespace(cls)
+        build_table(cls)  # the handlers, read by dispatch (quax/_table.py)
 
     @abc.abstractmethod
     def aval(self) -> jax.core.AbstractValue:
@@ -114,7 +92,12 @@ def _check_namespace(cls: type) -> None:
                 )
             )
     for attr, obj in cls.__dict__.items():
-        if attr.startswith("_") or attr not in prims or _is_method_like(obj):
+        if (
+            attr.startswith("_")
+            or attr not in prims
+            or _is_method_like(obj)
+            or is_not_handler(obj)
+        ):
             continue
         kind = "a property" if isinstance(obj, property) else "an attribute"
         raise TypeError(
@@ -213,6 +196,41 @@ class ArrayValue(Value):
             raise TypeError("len() of unsized object")
         return self.shape[0]
 
+    # -- conversion to Python scalars: as a JAX array does --
+    # A value that cannot convert (`bool` of two elements, `int` of a 1-d value, a
+    # traced value) raises JAX's own error; one that can is materialised and its
+    # element converted, concretely and eagerly.
+
+    def __bool__(self) -> bool:
+        return self._to_python(bool)
+
+    def __int__(self) -> int:
+        return self._to_python(int)
+
+    def __float__(self) -> float:
+        return self._to_python(float)
+
+    def __complex__(self) -> complex:
+        return self._to_python(complex)
+
+    def __index__(self) -> int:
+        return self._to_python(operator.index)
+
+    def _to_python(self, convert: Callable[[Any], Any]) -> Any:
+        aval = aval_of(self)
+        size = int(np.prod(aval.shape, dtype=np.int64))
+        if convert is bool:
+            refused = size != 1
+            stand_in = (0,) if size == 0 else (2,) + (1,) * (len(aval.shape) - 1)
+        else:
+            refused = len(aval.shape) != 0
+            stand_in = (1,) * len(aval.shape)
+        if refused:
+            # JAX's error from an array of at most two elements that converts the
+            # same way, without materialising this value.
+            convert(jnp.zeros(stand_in, aval.dtype))
+        return convert(materialise(self))
+
     def __getitem__(self, index: Any) -> Any:
         return _quaxified(operator.getitem)(self, index)
 
@@ -225,6 +243,35 @@ class ArrayValue(Value):
             "implicitly (that would materialise it silently).\n"
             f"To fix: call `.materialise()` first, e.g. `np.asarray(value.materialise())`."
         )
+
+    def leaf_specs(self, spec: Any) -> Any:
+        """How a `PartitionSpec` of the logical array this value stands for maps onto
+        its leaves: a pytree shaped like `self` with a `PartitionSpec` at every leaf.
+        Used by `jax.device_put`, `with_sharding_constraint` and `shard_map` (and so
+        `jax.pmap`) on values, and by `quax.leaf_shardings`.
+
+        The default gives `spec` to every leaf of the value's own shape and replicates
+        every other leaf (`PartitionSpec()`): right whenever the other leaves are
+        small parameters every shard needs whole (a scale, a bias). Override it when a
+        leaf holds a slice of the logical array along a sharded axis (LoRA's `a` and
+        `b` do).
+        """
+        from jax.sharding import PartitionSpec
+
+        shape = tuple(aval_of(self).shape)
+
+        def one(leaf: Any) -> Any:
+            same = tuple(getattr(leaf, "shape", ())) == shape
+            return spec if same else PartitionSpec()
+
+        return jax.tree.map(one, self)
+
+    def shard_structure(self, shape: tuple[int, ...]) -> "ArrayValue":
+        """This value's structure for one block of shape `shape` (one device's shard
+        in `shard_map`, or the whole array a shard belongs to): a value whose static
+        fields fit `shape`; its leaves are ignored. The default, `self`, is right when
+        no static field depends on the shape; `Zero` returns `Zero(shape, dtype)`."""
+        return self
 
     # -- operators: each runs the `jax.numpy` function under `quax.quaxify` --
 

@@ -198,3 +198,30 @@ def make_lora_on_quantized(key):
     lora = LoraArray(wq, rank=2, allow_materialise=True, key=ka)
     lora = eqx.tree_at(lambda x: x.b, lora, jr.normal(kb, (2, 4)))
     return lora, dequantize(wq) + lora.a @ lora.b
+
+
+@builder
+def make_named(key):
+    from quax.named import NamedArray
+
+    x = jr.normal(key, (3, 4))
+    return NamedArray(x, ("a", "b"), allow_materialise=True), x
+
+
+def make_prng_key(key):
+    """A `quax.prng.ThreeFry` key and JAX's key with the same bits (not in BUILDERS:
+    keys have no arithmetic)."""
+    from quax.prng import ThreeFry
+
+    del key
+    value = ThreeFry(0)
+    return value, value.materialise()
+
+
+def make_unitful(key):
+    """A quantity in metres and its numbers (not in BUILDERS: a quantity never
+    becomes a plain array implicitly, so dense-equivalence cases do not apply)."""
+    from quax.units import Unitful, m
+
+    x = jr.normal(key, (3, 4))
+    return Unitful(x, m), x

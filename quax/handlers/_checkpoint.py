@@ -14,8 +14,8 @@ from typing import Any
 import jax
 
 from .. import _compat
-from .._walker import TraceCache, register, walk
-from ._common import flatten_operands, leaf_specs, operands_key, unflatten_operands
+from .._walker import TraceCache, operands_key, register, walk
+from ._common import flatten_operands, leaf_specs, unflatten_operands
 
 
 #: Walked checkpoint bodies, keyed by (inner jaxpr, operand treedefs and leaf avals).

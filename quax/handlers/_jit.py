@@ -14,12 +14,18 @@ import jax.core
 import numpy as np
 
 from .. import _compat
-from .._walker import TraceCache, bind, register, walk_closed
+from .._walker import (
+    TraceCache,
+    bind,
+    operands_key,
+    register,
+    static_key,
+    walk_closed,
+)
 from ._common import (
     expand_per_operand,
     flatten_operands,
     leaf_specs,
-    operands_key,
     unflatten_operands,
 )
 
@@ -78,8 +84,10 @@ def _is_scalar_literal(x: Any) -> bool:
 
 
 def _literal_key(x: Any) -> Any:
+    # By bits, type and weak type: `0.0` and `-0.0`, `1` and `True`, or two NaN
+    # payloads fold into different programs.
     aval = jax.typeof(x)
-    return (aval.dtype, getattr(aval, "weak_type", False), np.asarray(x).item())
+    return (static_key(x), aval.dtype, getattr(aval, "weak_type", False))
 
 
 def _walk_to_jaxpr(

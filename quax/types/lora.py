@@ -24,6 +24,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._quaxify import quaxify
@@ -165,6 +166,18 @@ class LoraArray(ArrayValue):
 
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(_shape(self.w), self.w.dtype)
+
+    def leaf_specs(self, spec: PartitionSpec) -> "LoraArray":
+        """`w` is placed as asked; `a` follows `w`'s batch and row axes and `b` its
+        batch and column axes, the rank axis replicated: each shard of `w + a @ b` is
+        then computed from local shards alone."""
+        nb, nr = self.batch_ndim, self.row_ndim
+        full = (*spec, *[None] * (len(_shape(self.w)) - len(spec)))
+        batch, rows, cols = full[:nb], full[nb : nb + nr], full[nb + nr :]
+        w = self.w.leaf_specs(spec) if isinstance(self.w, ArrayValue) else spec
+        a = PartitionSpec(*batch, *rows, None)
+        b = PartitionSpec(*batch, None, *cols)
+        return eqx.tree_at(lambda x: (x.w, x.a, x.b), self, (w, a, b))
 
     def materialise(self) -> Shaped[Array, "..."]:
         if not self.allow_materialise:

@@ -83,6 +83,9 @@ class Zero(ArrayValue):
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self._shape, self._dtype, weak_type=self._weak_type)
 
+    def shard_structure(self, shape: tuple[int, ...]) -> "Zero":
+        return Zero(shape, self._dtype, weak_type=self._weak_type)
+
     def materialise(self) -> Array:
         return jnp.zeros(self._shape, self._dtype)
 

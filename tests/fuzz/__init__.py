@@ -1,0 +1,36 @@
+"""A differential fuzzer for quax (`tests/test_fuzz.py`).
+
+Random programs of 2-6 operations are drawn with hypothesis from a catalogue
+(`fuzz.ops.CATALOGUE`: elementwise unary and binary operations with broadcasting and
+Python scalars such as -0.0, NaN and inf; reductions; reshapes and transposes;
+`dot_general` with random dimension numbers; indexing, gathers in every mode and `.at[]`
+updates; dynamic slices; concatenate/stack/split; where, sort, clip; cond, switch, while,
+fori, scan (the value as carry, xs or constant), map, checkpoint, nested jit;
+`custom_jvp` and `custom_vjp` functions). A program starts from a value made by a
+builder of `tests/builders.py` (every entry of `BUILDERS`: each type added there is
+fuzzed automatically) and returns every intermediate result. It runs through
+`quax.quaxify` and on the value's dense array, in each of `fuzz.check.MODES` (eager,
+under `jax.jit`, `jax.grad` and `jax.vmap`, outside and inside `quaxify`), and the two
+must agree: shapes, dtypes and weak types exactly, values within a tolerance for the
+dtype, NaNs at the same places, infinities with the same sign. quax's own error
+(`quax.QuaxError`, not `HandlerResultError` or an internal error) for a type that will not
+materialise is a deliberate refusal, not a failure; so is an error the dense program
+raises identically.
+
+Running:
+
+    make fuzz                                # FUZZ_EXAMPLES=500 per (type, mode), -n auto
+    FUZZ_EXAMPLES=20 pytest tests/test_fuzz.py -k "lora and eager"
+
+`make test` runs a bounded run (`FUZZ_EXAMPLES` defaults to a few per test).
+
+Reproducing a failure: the failure message prints the program as text, the seed and
+the command to rerun it (`FUZZ_SEED=<seed> pytest tests/test_fuzz.py -k <test id>`
+with the same `FUZZ_EXAMPLES`), and a one-liner that replays only that program:
+
+    cd tests && python -c "import fuzz; fuzz.replay('lora', 'eager', '''Program(...)''')"
+
+Known bugs are excluded, each by name, in `fuzz/exclusions.py`.
+"""
+
+from .replay import replay as replay

@@ -1,0 +1,362 @@
+"""Running a program through quax and on dense arrays, in one of the `MODES`, and
+judging the two outcomes.
+
+The dense side is the truth: the same program on the value's dense array, compiled
+as one fresh `jax.jit` closure per program (one compile instead of one per operation;
+a fresh closure, so no cache can merge `0.0` and `-0.0`).
+"""
+
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+import quax
+from quax._errors import QuaxBugError
+
+from .program import Program, make_extras, run_program, skeleton, twin as twin_program
+
+
+MODES = (
+    "eager",  # quaxify(f)(v, ...), then again with every signed zero flipped
+    "jit_outside",  # jax.jit(quaxify(f))
+    "jit_inside",  # quaxify(jax.jit(f))
+    "grad_outside",  # jax.grad(quaxify(f)) w.r.t. the value's leaves, s, extras
+    "grad_inside",  # quaxify(jax.grad(f)) w.r.t. the value itself and s
+    "vmap_outside",  # jax.vmap(quaxify(f)) over a batch of values, s and extras
+    "vmap_inside",  # quaxify(jax.vmap(f)) over s and extras, the value unbatched
+)
+
+
+class FuzzFailure(AssertionError):
+    """quax and the dense program disagree."""
+
+
+def is_value(x: Any) -> bool:
+    return isinstance(x, quax.Value)
+
+
+def densify(tree: Any) -> Any:
+    return jtu.tree_map(
+        lambda x: x.materialise() if is_value(x) else x, tree, is_leaf=is_value
+    )
+
+
+def total(outs: Any) -> jax.Array:
+    """A scalar loss of a program's outputs: the sum of every inexact output."""
+    parts = [
+        jnp.sum(o.astype(jnp.float32))
+        for o in jtu.tree_leaves(outs)
+        if jnp.issubdtype(o.dtype, jnp.inexact)
+    ]
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+# Module-level quaxified functions, so that their trace caches are shared by every
+# example (as a user's `quaxify(f)` is called again and again).
+
+
+def _grad_program(skel, literals, v, s, extras, wrt_v):
+    argnums = (0, 1) if wrt_v else (1,)
+    loss = lambda v, s: total(run_program(skel, literals, v, s, extras))
+    return jax.grad(loss, argnums)(v, s)
+
+
+def _vmap_program(skel, literals, v, s, extras):
+    return jax.vmap(lambda s, extras: run_program(skel, literals, v, s, extras))(
+        s, extras
+    )
+
+
+Q_RUN = quax.quaxify(run_program)
+Q_GRAD = quax.quaxify(_grad_program)
+Q_VMAP = quax.quaxify(_vmap_program)
+
+
+# -- outcomes --------------------------------------------------------------------------
+
+
+def _outcome(thunk: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, jax.block_until_ready(thunk())
+    except Exception as err:  # noqa: BLE001 -- judged by `judge`
+        return False, err
+
+
+def _is_refusal(err: BaseException, refuses: bool) -> bool:
+    """quax's own deliberate error, for a type that will not materialise."""
+    if isinstance(err, QuaxBugError | quax.HandlerResultError):
+        return False
+    return refuses and isinstance(err, quax.QuaxError) and bool(str(err))
+
+
+def fresh_jit(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """A thunk computing `fn(*args)` under a fresh `jax.jit` (a new closure: nothing
+    cached from an earlier program is reused)."""
+    return lambda: jax.jit(lambda *a: fn(*a))(*args)
+
+
+def judge(
+    what: str, got: tuple[bool, Any], expected: tuple[bool, Any], refuses: bool
+) -> None:
+    got_ok, got_val = got
+    exp_ok, exp_val = expected
+    if not got_ok:
+        if _is_refusal(got_val, refuses):
+            return
+        if (
+            not exp_ok
+            and type(got_val) is type(exp_val)
+            and str(got_val) == str(exp_val)
+        ):
+            return  # the dense program raises the same error: not quax's doing
+        detail = f"dense: {'ok' if exp_ok else _describe(exp_val)}"
+        raise FuzzFailure(
+            f"{what}: quax raised {_describe(got_val)}\n  ({detail})"
+        ) from got_val
+    if not exp_ok:
+        raise FuzzFailure(
+            f"{what}: quax returned a result but the dense program raised {_describe(exp_val)}"
+        )
+    compare(what, got_val, exp_val)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {' / '.join(text[:6])}"
+
+
+# -- comparison ------------------------------------------------------------------------
+
+_RTOL = {"float16": 2e-2, "bfloat16": 6e-2, "float32": 2e-4, "float64": 1e-9}
+
+
+def compare(what: str, got: Any, expected: Any) -> None:
+    """Same structure, shapes, dtypes and weak types exactly; values within a tolerance
+    for the dtype, with NaNs at the same places and infinities of the same sign."""
+    got_leaves, got_def = jtu.tree_flatten(got, is_leaf=is_value)
+    exp_leaves, exp_def = jtu.tree_flatten(expected, is_leaf=is_value)
+    if len(got_leaves) != len(exp_leaves):
+        raise FuzzFailure(
+            f"{what}: {len(got_leaves)} outputs, dense gives {len(exp_leaves)}\n  quax: {got_def}\n  dense: {exp_def}"
+        )
+    for i, (g, e) in enumerate(zip(got_leaves, exp_leaves, strict=True)):
+        _compare_leaf(f"{what}, output {i}", g, e)
+
+
+def _compare_leaf(what: str, g: Any, e: Any) -> None:
+    if is_value(e):
+        e = e.materialise()
+    if is_value(g):
+        aval = g.aval()
+        g_type = (tuple(aval.shape), jnp.dtype(aval.dtype), bool(aval.weak_type))
+        try:
+            g = g.materialise()
+        except Exception:  # noqa: BLE001 -- a type that will not materialise: avals only
+            g = None
+    else:
+        g = jnp.asarray(g)
+        g_type = (tuple(g.shape), g.dtype, bool(getattr(g, "weak_type", False)))
+    e = jnp.asarray(e)
+    e_type = (tuple(e.shape), e.dtype, bool(getattr(e, "weak_type", False)))
+    if g_type[:2] != e_type[:2]:
+        raise FuzzFailure(
+            f"{what}: quax gives shape/dtype {_fmt(g_type)}, dense {_fmt(e_type)}"
+        )
+    if g_type[2] != e_type[2]:
+        raise FuzzFailure(
+            f"{what}: quax gives weak_type={g_type[2]}, dense weak_type={e_type[2]} ({_fmt(e_type)})"
+        )
+    if g is None:
+        return
+    if g.dtype == jax.dtypes.float0:
+        return
+    gn, en = np.asarray(g), np.asarray(e)
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+        if not np.array_equal(gn, en):
+            raise FuzzFailure(
+                f"{what}: values differ\n  quax:  {_short(gn)}\n  dense: {_short(en)}"
+            )
+        return
+    if jnp.issubdtype(e.dtype, jnp.complexfloating):
+        pairs = [(gn.real, en.real), (gn.imag, en.imag)]
+    else:
+        pairs = [(gn, en)]
+    rtol = _RTOL.get(str(e.dtype), 2e-4)
+    for gp, ep in pairs:
+        gp, ep = gp.astype(np.float64), ep.astype(np.float64)
+        bad = np.isnan(gp) != np.isnan(ep)
+        bad |= np.isposinf(gp) != np.isposinf(ep)
+        bad |= np.isneginf(gp) != np.isneginf(ep)
+        finite = np.isfinite(gp) & np.isfinite(ep)
+        gp, ep = np.where(finite, gp, 0.0), np.where(finite, ep, 0.0)
+        scale = np.max(np.abs(ep), initial=1.0)
+        bad |= np.abs(gp - ep) > rtol * (np.abs(ep) + scale * 0.05 + 1e-6)
+        if bad.any():
+            raise FuzzFailure(
+                f"{what}: values differ at {np.argwhere(bad)[:4].tolist()}\n  quax:  {_short(gn)}\n  dense: {_short(en)}"
+            )
+
+
+def _fmt(t: tuple) -> str:
+    shape, dtype, weak = t
+    return f"{dtype}{list(shape)}{' (weak)' if weak else ''}"
+
+
+def _short(a: np.ndarray) -> str:
+    return np.array2string(np.asarray(a), threshold=24, precision=5).replace("\n", " ")
+
+
+# -- modes -----------------------------------------------------------------------------
+
+
+def materialise_refuses(v: Any) -> bool:
+    try:
+        v.materialise()
+    except Exception:  # noqa: BLE001 -- any refusal counts
+        return True
+    return False
+
+
+def _inexact(x: Any) -> bool:
+    return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _stack(a: Any, b: Any) -> Any:
+    return jtu.tree_map(lambda p, q: jnp.stack([p, q]) if eqx.is_array(p) else p, a, b)
+
+
+def check(
+    mode: str, program: Program, variants: list[tuple[Any, Any]], twin: bool = True
+) -> None:
+    """Run `program` in `mode` through quax and densely; raise `FuzzFailure` unless
+    they agree (or quax refuses on purpose)."""
+    v, dense = variants[program.seed % len(variants)]
+    refuses = materialise_refuses(v)
+    skel, literals = skeleton(program.ops)
+    s = jnp.asarray(program.s, jnp.float32)
+    extras = make_extras(program.extras, program.seed)
+
+    if mode == "eager":
+        judge(
+            "eager",
+            _outcome(lambda: Q_RUN(skel, literals, v, s, extras)),
+            _outcome(
+                fresh_jit(ft.partial(run_program, skel, literals), dense, s, extras)
+            ),
+            refuses,
+        )
+        other = twin_program(program.ops) if twin else None
+        if other is not None:
+            skel2, literals2 = skeleton(other)
+            assert skel2 == skel
+            judge(
+                "eager, the same program again with every signed zero flipped",
+                _outcome(lambda: Q_RUN(skel2, literals2, v, s, extras)),
+                _outcome(
+                    fresh_jit(
+                        ft.partial(run_program, skel2, literals2), dense, s, extras
+                    )
+                ),
+                refuses,
+            )
+        return
+    if mode == "jit_outside":
+        fn = jax.jit(lambda v, s, extras: Q_RUN(skel, literals, v, s, extras))
+        got = _outcome(lambda: fn(v, s, extras))
+        judge(
+            mode,
+            got,
+            _outcome(
+                fresh_jit(ft.partial(run_program, skel, literals), dense, s, extras)
+            ),
+            refuses,
+        )
+        return
+    if mode == "jit_inside":
+        fn = quax.quaxify(
+            jax.jit(lambda v, s, extras: run_program(skel, literals, v, s, extras))
+        )
+        got = _outcome(lambda: fn(v, s, extras))
+        judge(
+            mode,
+            got,
+            _outcome(
+                fresh_jit(ft.partial(run_program, skel, literals), dense, s, extras)
+            ),
+            refuses,
+        )
+        return
+    if mode == "grad_outside":
+        diff, static = eqx.partition((v, s, extras), _inexact)
+
+        def loss_quax(diff):
+            v, s, extras = eqx.combine(diff, static)
+            return total(densify(Q_RUN(skel, literals, v, s, extras)))
+
+        def loss_dense(diff):
+            v, s, extras = eqx.combine(diff, static)
+            return total(run_program(skel, literals, densify(v), s, extras))
+
+        got = _outcome(lambda: jax.jit(jax.grad(loss_quax))(diff))
+        judge(mode, got, _outcome(fresh_jit(jax.grad(loss_dense), diff)), refuses)
+        return
+    if mode == "grad_inside":
+        wrt_v = bool(jnp.issubdtype(dense.dtype, jnp.inexact))
+        got = _outcome(lambda: Q_GRAD(skel, literals, v, s, extras, wrt_v))
+        judge(
+            mode,
+            got,
+            _outcome(
+                fresh_jit(
+                    lambda *a: _grad_program(skel, literals, *a, wrt_v),
+                    dense,
+                    s,
+                    extras,
+                )
+            ),
+            refuses,
+        )
+        return
+    s2 = jnp.stack([s, jnp.asarray(-0.5 * program.s + 1.0, jnp.float32)])
+    extras2 = _stack(extras, make_extras(program.extras, program.seed + 1))
+    if mode == "vmap_outside":
+        v_b, dense_b = variants[(program.seed + 1) % len(variants)]
+        if jtu.tree_structure(v_b) != jtu.tree_structure(v):
+            v_b, dense_b = v, dense
+        vs, denses = _stack(v, v_b), jnp.stack([dense, dense_b])
+
+        def per_example(v, s, extras):
+            return densify(Q_RUN(skel, literals, v, s, extras))
+
+        fn = eqx.filter_jit(eqx.filter_vmap(per_example))
+        got = _outcome(lambda: fn(vs, s2, extras2))
+        expected = _outcome(
+            fresh_jit(
+                jax.vmap(lambda d, s, e: run_program(skel, literals, d, s, e)),
+                denses,
+                s2,
+                extras2,
+            )
+        )
+        judge(mode, got, expected, refuses)
+        return
+    if mode == "vmap_inside":
+        got = _outcome(lambda: Q_VMAP(skel, literals, v, s2, extras2))
+        judge(
+            mode,
+            got,
+            _outcome(
+                fresh_jit(
+                    lambda *a: _vmap_program(skel, literals, *a), dense, s2, extras2
+                )
+            ),
+            refuses,
+        )
+        return
+    raise ValueError(mode)

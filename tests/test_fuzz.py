@@ -1,0 +1,70 @@
+"""The differential fuzzer: random programs on every builder's value, through quax and
+on dense arrays, in every mode (see `tests/fuzz/__init__.py`).
+
+`FUZZ_EXAMPLES` (default 4) examples per (type, mode) test; `FUZZ_SEED` fixes the seed
+(otherwise random, and printed with every failure).
+"""
+
+import os
+import random
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+from builders import BUILDERS
+from fuzz.check import MODES, check
+from fuzz.draw import aval_of, draw_program
+from fuzz.exclusions import excluded_names, predicates, twin_excluded
+from fuzz.ops import NAMES
+from fuzz.program import iter_ops
+from fuzz.replay import variants
+
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "4"))
+
+
+def _seed() -> int:
+    fixed = os.environ.get("FUZZ_SEED")
+    return int(fixed) if fixed else random.SystemRandom().randrange(2**32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_fuzz(kind, mode):
+    values = variants(kind)
+    v_aval = aval_of(values[0][1])
+    skipped = excluded_names(kind, mode)
+    names = tuple(n for n in NAMES if n not in skipped)
+    rejects = predicates(kind, mode)
+    seed = _seed()
+
+    @hypothesis.seed(seed)
+    @hypothesis.settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        print_blob=True,
+        report_multiple_bugs=False,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(st.data())
+    def run(data):
+        program = draw_program(data, v_aval, names)
+        if any(reject(op) for op in iter_ops(program.ops) for reject in rejects):
+            hypothesis.reject()
+        hypothesis.note(f"program ({kind}, {mode}):\n{program.text()}")
+        hypothesis.note(
+            'replay: cd tests && python -c "import fuzz; fuzz.replay('
+            f"{kind!r}, {mode!r}, '''{program.text()}''')\""
+        )
+        check(mode, program, values, twin=not twin_excluded(kind))
+
+    try:
+        run()
+    except BaseException as err:
+        err.add_note(
+            f"reproduce: FUZZ_SEED={seed} FUZZ_EXAMPLES={EXAMPLES} python -m pytest "
+            f"tests/test_fuzz.py -p no:xdist -k 'test_fuzz[{kind}-{mode}]'"
+        )
+        raise
