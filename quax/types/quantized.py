@@ -63,7 +63,11 @@ class QuantizedArray(ArrayValue):
             )
 
     def aval(self) -> jax.core.ShapedArray:
-        shape = _logical_shape(tuple(self.q.shape), self.bits, self.axis)
+        # From the scales alone, so a gradient (whose integer leaves are None) has one.
+        shape = tuple(
+            d * self.group_size if i == self.axis else d
+            for i, d in enumerate(self.scale.shape)
+        )
         return jax.core.ShapedArray(shape, self.scale.dtype)
 
     def materialise(self) -> Array:
