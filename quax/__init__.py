@@ -7,6 +7,7 @@ from . import (
     lora as lora,
     named as named,
     prng as prng,
+    quantized as quantized,
     sparse as sparse,
     structured as structured,
     units as units,

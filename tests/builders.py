@@ -181,6 +181,26 @@ def make_zero(key):
 
 
 @builder
+def make_quantized(key):
+    from quax.quantized import dequantize, quantize
+
+    wq = quantize(jr.normal(key, (3, 4)), bits=4, group_size=2)
+    return wq, dequantize(wq)
+
+
+@builder
+def make_lora_on_quantized(key):
+    from quax.lora import LoraArray
+    from quax.quantized import dequantize, quantize
+
+    kw, ka, kb = jr.split(key, 3)
+    wq = quantize(jr.normal(kw, (3, 4)), bits=8)
+    lora = LoraArray(wq, rank=2, allow_materialise=True, key=ka)
+    lora = eqx.tree_at(lambda x: x.b, lora, jr.normal(kb, (2, 4)))
+    return lora, dequantize(wq) + lora.a @ lora.b
+
+
+@builder
 def make_named(key):
     from quax.named import NamedArray
 
