@@ -10,7 +10,8 @@ nothing changes (a fixed point, reached in at most one pass per carry). A value 
 `xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
 its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
 returns None is materialised. Scans are emitted again through the public
-`jax.lax.scan`.
+`jax.lax.scan`; a `while` is bound again directly, on its walked cond and body traced to
+jaxprs over the leaves, so JAX's own rules apply (vmap with a batched predicate).
 """
 
 from collections.abc import Callable, Sequence
