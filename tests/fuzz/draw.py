@@ -2,6 +2,7 @@
 the running array's shape, and checks every drawn operation with `jax.eval_shape` on
 dense arrays (an operation JAX rejects is drawn again)."""
 
+import functools as ft
 import math
 from typing import Any
 
@@ -142,7 +143,7 @@ class Gen:
         from .ops import CATALOGUE
 
         for _ in range(TRIES):
-            name = self.choice(names)
+            name = self.choice(_weighted(names))
             n_extras = len(self.extras)
             try:
                 op = CATALOGUE[name].draw(self, x, depth)
@@ -174,6 +175,15 @@ class Gen:
         if len(ops) < min_ops:
             return None
         return tuple(ops)
+
+
+@ft.lru_cache(maxsize=64)
+def _weighted(names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names`, each repeated by its weight (structural operations, which reach the
+    types' handlers in more ways, are drawn more often than elementwise ones)."""
+    from .ops import CATALOGUE
+
+    return tuple(n for n in names for _ in range(CATALOGUE[n].weight))
 
 
 def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
