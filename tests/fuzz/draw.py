@@ -200,6 +200,17 @@ def draw_program(
     data: Any, v_aval: jax.ShapeDtypeStruct, names: tuple[str, ...], max_ops: int = 6
 ) -> Program:
     """A program of 2-`max_ops` operations from `names`, on a value of aval `v_aval`."""
+    # Tracer-leak checking (on in the test suite) triples the cost of drawing, whose
+    # `eval_shape` checks cannot leak into quax: off while drawing.
+    leaks = jax.config.jax_check_tracer_leaks
+    jax.config.update("jax_check_tracer_leaks", False)
+    try:
+        return _draw_program(data, v_aval, names, max_ops)
+    finally:
+        jax.config.update("jax_check_tracer_leaks", leaks)
+
+
+def _draw_program(data, v_aval, names, max_ops):
     gen = Gen(data, v_aval, names)
     n_ops = gen.integer(2, max_ops)
     s = gen.draw(st.sampled_from(S_VALUES) | st.floats(-3, 3, width=32), label="s")
