@@ -45,7 +45,7 @@ class _Matrix(ArrayValue):
             return NotImplemented
         transpose = tuple(lc) == (0,)  # self's rows contracted: self.T @ other
         if isinstance(other, Value):
-            if other.ndim != 2 or tuple(rc) != (0,):
+            if len(_shape(other)) != 2 or tuple(rc) != (0,):
                 return NotImplemented
             return _cast(self._matmul(other, transpose), out_dtype)
         z = jnp.moveaxis(jnp.asarray(other), rc[0], 0).astype(out_dtype)
@@ -60,7 +60,7 @@ class _Matrix(ArrayValue):
         # lhs @ self contracts self's rows: (self.T @ lhs.T).T, and vice versa.
         transpose = tuple(rc) == (0,)
         if isinstance(lhs, Value):
-            if lhs.ndim != 2 or tuple(lc) != (1,):
+            if len(_shape(lhs)) != 2 or tuple(lc) != (1,):
                 return NotImplemented
             return _cast(self._rmatmul(lhs, not transpose), out_dtype)
         z = jnp.moveaxis(jnp.asarray(lhs), lc[0], 0).astype(out_dtype)
