@@ -27,10 +27,11 @@ def _sparse_module():
 
 
 def random_entries(key, n: int, density: float):
-    """`nse` distinct random coordinates of an n x n matrix and their values."""
+    """`nse` random coordinates of an n x n matrix and their values (a repeated
+    coordinate is rare, and both sparse formats add repeated entries up)."""
     nse = max(1, int(round(density * n * n)))
     k1, k2 = jr.split(key)
-    flat = jr.choice(k1, n * n, (nse,), replace=False)
+    flat = jr.randint(k1, (nse,), 0, n * n)
     indices = jnp.stack([flat // n, flat % n], -1).astype(jnp.int32)
     return jr.normal(k2, (nse,)), indices
 

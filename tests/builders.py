@@ -225,3 +225,22 @@ def make_unitful(key):
 
     x = jr.normal(key, (3, 4))
     return Unitful(x, m), x
+
+
+@builder
+def make_sparse(key):
+    """A 3 x 4 `quax.sparse.BCOO` with two of its twelve entries unstored."""
+    from quax.sparse import BCOO
+
+    x = jr.normal(key, (3, 4)).at[0, 1].set(0.0).at[2, 3].set(0.0)
+    return BCOO.fromdense(x, allow_materialise=True), x
+
+
+@builder
+def make_tridiagonal(key):
+    """A 4 x 4 `quax.structured.TridiagonalMatrix`."""
+    from quax.structured import TridiagonalMatrix
+
+    d, lo, up = jr.normal(key, (3, 4))
+    value = TridiagonalMatrix(d, lo[:3], up[:3])
+    return value, value.materialise()

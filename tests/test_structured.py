@@ -14,21 +14,26 @@ from quax.structured import Diagonal, Identity, Kronecker, TridiagonalMatrix, so
 N = 6
 
 
+def make_tridiagonal(key) -> TridiagonalMatrix:
+    k1, k2, k3 = jr.split(key, 3)
+    d, lo, up = (
+        jr.normal(k1, (N,)) + 4.0,
+        jr.normal(k2, (N - 1,)),
+        jr.normal(k3, (N - 1,)),
+    )
+    return TridiagonalMatrix(d, lo, up)
+
+
 def make(kind: str, key):
     k1, k2, k3 = jr.split(key, 3)
     if kind == "tridiagonal":
-        d, lo, up = (
-            jr.normal(k1, (N,)) + 4.0,
-            jr.normal(k2, (N - 1,)),
-            jr.normal(k3, (N - 1,)),
-        )
-        return TridiagonalMatrix(d, lo, up)
+        return make_tridiagonal(key)
     if kind == "diagonal":
         return Diagonal(jr.normal(k1, (N,)) + 3.0)
     if kind == "identity":
         return Identity(N, 2.5)
     if kind == "kronecker":
-        return Kronecker(jr.normal(k1, (2, 3)), make("tridiagonal", k2))
+        return Kronecker(jr.normal(k1, (2, 3)), make_tridiagonal(k2))
     raise ValueError(kind)
 
 
@@ -94,7 +99,7 @@ def test_structure_is_kept(kind, getkey):
 )
 def test_mixed_structure(fn, cls, getkey):
     t, d, i = (
-        make("tridiagonal", getkey()),
+        make_tridiagonal(getkey()),
         make("diagonal", getkey()),
         make("identity", getkey()),
     )
@@ -113,7 +118,7 @@ def test_matvec_is_linear_in_n():
 
 
 def test_linalg_solve_reaches_tridiagonal_solve(getkey):
-    t = make("tridiagonal", getkey())
+    t = make_tridiagonal(getkey())
     b = jr.normal(getkey(), (N, 2))
     for rhs in (b, b[:, 0]):
         f = quax.quaxify(jnp.linalg.solve)
@@ -126,7 +131,7 @@ def test_linalg_solve_reaches_tridiagonal_solve(getkey):
 
 
 def test_solve_gradient(getkey):
-    t = make("tridiagonal", getkey())
+    t = make_tridiagonal(getkey())
     b = jr.normal(getkey(), (N,))
 
     def loss(diag, b, dense):
@@ -152,7 +157,7 @@ def test_bad_shapes_are_clear_errors():
 
 
 def test_control_flow(getkey):
-    t = make("tridiagonal", getkey())
+    t = make_tridiagonal(getkey())
     x = jr.normal(getkey(), (N,))
 
     def f(t, x, p):
