@@ -428,6 +428,26 @@ class ArrayValue(Value):
     # numpy arrays on the left defer to our reflected operators.
     __array_ufunc__ = None
 
+    # -- derivatives: how tangents and cotangents cross `materialise()` --
+    # Used where a custom derivative rule (`jax.custom_jvp`, `jax.custom_vjp`) runs on
+    # dense tangents: quax/handlers/_custom_derivatives.py. Neither is a handler.
+
+    def pushforward(self, tangent: Any) -> Any:
+        """The dense tangent of `materialise()` when this value's leaves move along
+        `tangent` (a pytree like `self`, holding one tangent per leaf; zeros where a
+        leaf is not perturbed): the JVP of `materialise()`. Override it to compute
+        the tangent without forming the dense value; it must be linear in `tangent`.
+        The default differentiates `materialise()`."""
+        return jax.jvp(lambda v: materialise(v), (self,), (tangent,))[1]
+
+    def pullback(self, cotangent: Any) -> Any:
+        """The cotangents of this value's leaves, as a pytree like `self`, given the
+        dense `cotangent` of `materialise()`: the transpose of `pushforward`. Override
+        it to pull back structurally (LoRA: `a` and `b` need only `a`, `b` and the
+        cotangent, never `w + a @ b`). The default differentiates `materialise()`."""
+        _, pull = jax.vjp(lambda v: materialise(v), self)
+        return pull(cotangent)[0]
+
 
 def _operand_ok(x: Any) -> bool:
     return isinstance(

@@ -382,6 +382,26 @@ class LoraArray(ArrayValue):
         )
         return _replace(self, w, self.a, self.b)
 
+    # -- derivatives (ArrayValue.pushforward/pullback): low rank, never `w + a @ b` --
+
+    def pushforward(self, tangent: "LoraArray") -> Array:
+        """`dw + s (da b + a db)` (`dw` dropped when `w` is frozen)."""
+        update = jnp.matmul(tangent.a, self.b) + jnp.matmul(self.a, tangent.b)
+        if self.scaling != 1.0:
+            update = update * jnp.asarray(self.scaling, update.dtype)
+        update = update.astype(self.w.dtype)
+        return update if self.frozen else tangent.w + update
+
+    def pullback(self, cotangent: Array) -> "LoraArray":
+        """`(ct, s ct bᵀ, s aᵀ ct)`, with no cotangent for a frozen `w`."""
+        ct = cotangent.astype(self.a.dtype)
+        if self.scaling != 1.0:
+            ct = ct * jnp.asarray(self.scaling, ct.dtype)
+        ct_a = jnp.matmul(ct, jnp.swapaxes(self.b, -1, -2))
+        ct_b = jnp.matmul(jnp.swapaxes(self.a, -1, -2), ct)
+        ct_w = None if self.frozen else cotangent
+        return jtu.tree_unflatten(jtu.tree_structure(self), [ct_w, ct_a, ct_b])
+
 
 # -- helpers shared with `_lora_conv` ---------------------------------------------------
 
