@@ -7,6 +7,7 @@ from . import (
     lora as lora,
     named as named,
     prng as prng,
+    quantized as quantized,
     sparse as sparse,
     structured as structured,
     units as units,
@@ -15,12 +16,16 @@ from . import (
 from ._errors import (
     HandlerResultError as HandlerResultError,
     HandlerSignatureError as HandlerSignatureError,
+    MaterialiseError as MaterialiseError,
+    MaterialiseWarning as MaterialiseWarning,
     NoHandlerError as NoHandlerError,
     QuaxError as QuaxError,
     QuaxifyTypeError as QuaxifyTypeError,
     QuaxWarning as QuaxWarning,
 )
+from ._explain import explain as explain
 from ._quaxify import quaxify as quaxify
+from ._strict import strict as strict
 from ._table import handler as handler, not_handler as not_handler
 from ._values import (
     ArrayValue as ArrayValue,

@@ -115,3 +115,11 @@ def trace_context() -> Any:
     from jax._src import config  # private; see docstring
 
     return config.trace_context()
+
+
+def is_unspecified_sharding(sharding: Any) -> bool:
+    """Whether a `jit` equation's in/out sharding entry is JAX's "unspecified"
+    placeholder (JAX 0.10.2: `jax._src.named_sharding.UnspecifiedValue`, not public)."""
+    from jax._src.named_sharding import UnspecifiedValue  # private; see docstring
+
+    return isinstance(sharding, UnspecifiedValue)

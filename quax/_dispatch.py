@@ -63,6 +63,7 @@ from ._errors import (
     list_names,
     type_names,
 )
+from ._strict import on_materialise
 from ._table import _NO_HINT, Handler, handler_table
 from ._values import Value, aval_of, handler_name, materialise
 
@@ -197,6 +198,7 @@ def implicit_materialise(eqn: Any, x: Any, operands: Sequence[Any]) -> Any:
     and the user's line."""
     if not isinstance(x, Value):
         return x
+    on_materialise(eqn, x, operands)  # strict mode and `quax.explain`
     try:
         return materialise(x)
     except HandlerResultError:

@@ -222,3 +222,24 @@ quax: {what} {cls} value inside `shard_map` has aval {got}, but JAX expects \
 To fix: make {cls}.leaf_specs() split the leaves so that a shard of every leaf \
 makes a shard of the value, and {cls}.shard_structure(shape) resize the static \
 fields that depend on the shape."""
+
+
+# -- strict mode (appended by helper trust) ---------------------------------------------
+
+
+class MaterialiseError(QuaxError, TypeError):
+    """In strict mode (`quax.strict()`, `quaxify(fn, materialise="error")`), quax
+    would have materialised a value implicitly."""
+
+
+class MaterialiseWarning(UserWarning):
+    """In `materialise="warn"` mode, quax materialised a value implicitly."""
+
+
+_MSG_MATERIALISE: Final = """\
+quax: `{prim}` would materialise a {cls} into a dense array (operands: {types}), at
+  {site}
+Strict mode ("{mode}") reports every implicit materialisation.
+To fix: give {cls} a handler `{handler}` (or a `default`), materialise the value
+yourself before the call if dense is what you mean, or allow it for this function
+with `quax.quaxify(fn, materialise="allow")`."""

@@ -200,6 +200,7 @@ class Handler:
         "kw_names",
         "required_kw",
         "names_keywords",
+        "positional",
         "min_args",
         "max_args",
         "_hints",
@@ -225,6 +226,13 @@ class Handler:
         self.names_keywords = any(p.kind is p.KEYWORD_ONLY for p in params)
         self.required_kw = frozenset(
             p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+        )
+        # Per positional parameter: its name, whether it is required, and whether a
+        # keyword may fill it (`random_bits(self, bit_width, shape)` takes its two
+        # parameters from `bit_width=`, `shape=`).
+        self.positional = tuple(
+            (p.name, p.default is p.empty, p.kind is p.POSITIONAL_OR_KEYWORD)
+            for p in positional
         )
         self.min_args = sum(p.default is p.empty for p in positional)
         self.max_args = sys.maxsize if varargs else len(positional)
@@ -261,7 +269,11 @@ class Handler:
     def check_call(self, cls: type, prim: str, n_args: int, params: Any) -> None:
         """Raise `HandlerSignatureError` if the function cannot be called with
         `n_args` operands and the keyword arguments `params`."""
-        if not self.min_args <= n_args <= self.max_args:
+        unfilled = any(
+            required and not (by_keyword and name in params)
+            for name, required, by_keyword in self.positional[n_args:]
+        )
+        if unfilled or n_args > self.max_args:
             raise HandlerSignatureError(
                 _MSG_HANDLER_BAD_ARITY.format(
                     where=f"{cls.__name__}.{self.attr}",

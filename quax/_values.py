@@ -16,6 +16,7 @@ import jax
 import jax.core
 import jax.extend.core as jexc
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import (
@@ -134,6 +135,12 @@ def _same_shape_dtype(a: Any, b: Any) -> bool:
     return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
 
 
+def _leading(leaf: Any) -> int | None:
+    """The size of a leaf's axis 0, or None for a scalar."""
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+    return shape[0] if shape else None
+
+
 def _describe(x: Any) -> str:
     if _is_arraylike(x):
         return "an array of " + describe_aval(jax.typeof(x))
@@ -178,10 +185,11 @@ class ArrayValue(Value):
     def T(self) -> Any:
         return _quaxified(jnp.transpose)(self)
 
+    # -- slicing and stacking along a leading axis (`lax.scan` xs and ys) --
+
     def scan_leafwise(self) -> bool:
-        """Whether `lax.scan` may slice this value along its leading axis leaf by leaf
-        (a value as `xs`), and stack per-step values of this type the same way (as
-        `ys`), so the scanned body sees values and runs their handlers.
+        """A shortcut for `unstack` and `stack`: whether slicing (stacking) every leaf
+        of this value along axis 0 slices (stacks) the value.
 
         Return True only if, for every `i`, `jax.tree.map(lambda l: l[i], v)` is the
         value whose `materialise()` is `materialise(v)[i]` (e.g. a stack of LoRA
@@ -190,6 +198,46 @@ class ArrayValue(Value):
         It is called on traced values, so decide from structure, not contents.
         """
         return False
+
+    def unstack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """How to split this value along axis 0 into `length` values (a value as
+        `lax.scan`'s `xs`, or `lax.map`'s input), so the scanned body sees values.
+
+        Return `(arrays, rebuild)`: every leaf of the pytree `arrays` has leading axis
+        `length`, and `rebuild(slices)`, given `arrays` sliced at one index `i`, is the
+        value whose `materialise()` is `materialise(self)[i]`. `rebuild` must close
+        over static data only, never over this value's arrays. Return None to have
+        quax materialise the value instead.
+
+        The default follows `scan_leafwise()`: if True, and every leaf has the leading
+        axis `length`, the leaves are sliced one by one; otherwise None.
+        """
+        if not self.scan_leafwise():
+            return None
+        leaves, treedef = jtu.tree_flatten(self)
+        if not leaves or not all(_leading(leaf) == length for leaf in leaves):
+            return None
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
+
+    def stack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """How to stack `length` per-step values like this one (same class and static
+        fields) along a new axis 0 (a value among `lax.scan`'s `ys`).
+
+        Return `(arrays, rebuild)`: `arrays` is this step's pytree of arrays, and
+        `rebuild(stacked)`, given those arrays of every step stacked along a new axis
+        0, is the value whose `materialise()` is the stack of the steps'
+        `materialise()`s. `rebuild` must close over static data only. Return None to
+        have quax materialise each step's value instead.
+
+        The default follows `scan_leafwise()`: if True, the leaves are stacked one by
+        one; otherwise None.
+        """
+        if not self.scan_leafwise():
+            return None
+        leaves, treedef = jtu.tree_flatten(self)
+        if not leaves:
+            return None
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
 
     def __len__(self) -> int:
         if not self.shape:
@@ -379,6 +427,26 @@ class ArrayValue(Value):
 
     # numpy arrays on the left defer to our reflected operators.
     __array_ufunc__ = None
+
+    # -- derivatives: how tangents and cotangents cross `materialise()` --
+    # Used where a custom derivative rule (`jax.custom_jvp`, `jax.custom_vjp`) runs on
+    # dense tangents: quax/handlers/_custom_derivatives.py. Neither is a handler.
+
+    def pushforward(self, tangent: Any) -> Any:
+        """The dense tangent of `materialise()` when this value's leaves move along
+        `tangent` (a pytree like `self`, holding one tangent per leaf; zeros where a
+        leaf is not perturbed): the JVP of `materialise()`. Override it to compute
+        the tangent without forming the dense value; it must be linear in `tangent`.
+        The default differentiates `materialise()`."""
+        return jax.jvp(lambda v: materialise(v), (self,), (tangent,))[1]
+
+    def pullback(self, cotangent: Any) -> Any:
+        """The cotangents of this value's leaves, as a pytree like `self`, given the
+        dense `cotangent` of `materialise()`: the transpose of `pushforward`. Override
+        it to pull back structurally (LoRA: `a` and `b` need only `a`, `b` and the
+        cotangent, never `w + a @ b`). The default differentiates `materialise()`."""
+        _, pull = jax.vjp(lambda v: materialise(v), self)
+        return pull(cotangent)[0]
 
 
 def _operand_ok(x: Any) -> bool:

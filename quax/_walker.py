@@ -28,6 +28,7 @@ from ._dispatch import (
     try_handlers,
 )
 from ._errors import site
+from ._strict import STATE
 from ._values import Value
 
 
@@ -93,19 +94,32 @@ def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) 
 
 def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
     """Run one equation with at least one value operand (dispatch protocol)."""
+    recorder = STATE.recorder
+    if recorder is None:
+        return dispatch_eqn(eqn, invals)[1]
+    with recorder.equation(eqn, invals) as took:  # `quax.explain` is running
+        where, outvals = dispatch_eqn(eqn, invals)
+        took(where)
+    return outvals
+
+
+def dispatch_eqn(eqn: Any, invals: list[Any]) -> tuple[str, list[Any]]:
+    """`run_eqn`, also saying what took the equation: `"Cls.method"`,
+    `"Cls.default"`, `"built-in"` (a higher-order handler of quax) or
+    `"materialised"`."""
     prim = eqn.primitive
     with site(eqn.source_info), eqn_context(eqn):
         operands = handler_operands(eqn, invals)
         found = try_handlers(eqn, operands, eqn.params)
         if found is NotImplemented and prim in HIGHER_ORDER:
-            return HIGHER_ORDER[prim](eqn, invals)
+            return "built-in", HIGHER_ORDER[prim](eqn, invals)
         if found is NotImplemented:
             bind_params = prim.get_bind_params(eqn.params)
             found = try_defaults(eqn, operands, bind_params)
         if found is NotImplemented:
-            return bind(eqn, materialise_all(eqn, invals))
+            return "materialised", bind(eqn, materialise_all(eqn, invals))
         where, result = found
-        return check_results(eqn, where, result)
+        return where, check_results(eqn, where, result)
 
 
 def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -116,6 +130,8 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     # before the next), so it is read once.
     base_names = source_info_util.current_name_stack()
     user_context = source_info_util.user_context
+    if STATE.recorder is not None:  # once per walk, never per equation
+        STATE.recorder.walking(jaxpr)
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
@@ -192,6 +208,7 @@ _Run = list[tuple[Any, tuple[Any, ...], bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
+_PLANS_LOCK = threading.Lock()
 
 
 def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
@@ -224,7 +241,8 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
             len(eqn.invars) == 1 and not eqn.effects and eqn.primitive.name in _FOLDABLE
         )
         plan[-1][1].append((eqn, tuple(d), foldable))
-    _PLANS[jaxpr] = plan
+    with _PLANS_LOCK:  # a WeakKeyDictionary is not safe to write from two threads
+        _PLANS[jaxpr] = plan
     return plan
 
 

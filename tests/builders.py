@@ -181,6 +181,26 @@ def make_zero(key):
 
 
 @builder
+def make_quantized(key):
+    from quax.quantized import dequantize, quantize
+
+    wq = quantize(jr.normal(key, (3, 4)), bits=4, group_size=2)
+    return wq, dequantize(wq)
+
+
+@builder
+def make_lora_on_quantized(key):
+    from quax.lora import LoraArray
+    from quax.quantized import dequantize, quantize
+
+    kw, ka, kb = jr.split(key, 3)
+    wq = quantize(jr.normal(kw, (3, 4)), bits=8)
+    lora = LoraArray(wq, rank=2, allow_materialise=True, key=ka)
+    lora = eqx.tree_at(lambda x: x.b, lora, jr.normal(kb, (2, 4)))
+    return lora, dequantize(wq) + lora.a @ lora.b
+
+
+@builder
 def make_named(key):
     from quax.named import NamedArray
 
@@ -205,3 +225,22 @@ def make_unitful(key):
 
     x = jr.normal(key, (3, 4))
     return Unitful(x, m), x
+
+
+@builder
+def make_sparse(key):
+    """A 3 x 4 `quax.sparse.BCOO` with two of its twelve entries unstored."""
+    from quax.sparse import BCOO
+
+    x = jr.normal(key, (3, 4)).at[0, 1].set(0.0).at[2, 3].set(0.0)
+    return BCOO.fromdense(x, allow_materialise=True), x
+
+
+@builder
+def make_tridiagonal(key):
+    """A 4 x 4 `quax.structured.TridiagonalMatrix`."""
+    from quax.structured import TridiagonalMatrix
+
+    d, lo, up = jr.normal(key, (3, 4))
+    value = TridiagonalMatrix(d, lo[:3], up[:3])
+    return value, value.materialise()

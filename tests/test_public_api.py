@@ -29,6 +29,7 @@ def test_public_names():
         "lora",
         "named",
         "prng",
+        "quantized",
         "sparse",
         "structured",
         "types",

@@ -1,6 +1,7 @@
 """Trust (issue 8): caches that never merge different programs, handlers that honour
 every parameter, Python truthiness, and quaxify's own contract."""
 
+import functools
 import operator
 import re
 import struct
@@ -193,3 +194,159 @@ def test_bool_of_zero_and_traced_value():
         jax.jit(lambda x: bool(Ruleless(x)))(jnp.ones(()))
     with pytest.raises(jax.errors.ConcretizationTypeError):
         jax.jit(lambda x: int(Ruleless(x)))(jnp.ones((), jnp.int32))
+
+
+# -- 13.7 and 8.7: quaxify's contract: wrapping, caching --------------------------------
+
+
+def _documented(a, b):
+    """Adds."""
+    return a + b
+
+
+def test_quaxify_keeps_function_metadata():
+    f = quax.quaxify(_documented)
+    assert f.__name__ == "_documented"
+    assert f.__qualname__ == "_documented"
+    assert f.__doc__ == "Adds."
+    assert f.__module__ == __name__
+    assert f.__wrapped__ is _documented
+    p = quax.quaxify(functools.partial(_documented, 1))
+    assert p.__wrapped__.func is _documented
+    assert p.__doc__ == functools.partial(_documented, 1).__doc__
+
+    class Layer(eqx.Module):
+        """A layer."""
+
+        def __call__(self, x):
+            return x
+
+        def method(self, x):
+            """A method."""
+            return x
+
+    layer = Layer()
+    assert quax.quaxify(layer).__doc__ == "A layer."
+    bound = quax.quaxify(layer.method)
+    assert bound.__name__ == "method" and bound.__doc__ == "A method."
+    assert bound(Zero((2,), jnp.float32)) == Zero((2,), jnp.float32)
+
+
+_GLOBAL = {"scale": 1.0}
+
+
+def _reads_global(x):
+    return x * _GLOBAL["scale"]
+
+
+def test_cache_false_rereads_globals():
+    x = Ruleless(jnp.ones(2))
+    cached = quax.quaxify(_reads_global)
+    fresh = quax.quaxify(_reads_global, cache=False)
+    _GLOBAL["scale"] = 1.0
+    assert (cached(x) == 1).all() and (fresh(x) == 1).all()
+    _GLOBAL["scale"] = 3.0
+    # The documented contract (as `jax.jit`): a cached trace keeps what it read...
+    assert (cached(x) == 1).all()
+    # ...and `cache=False` traces again on every call.
+    assert (fresh(x) == 3).all()
+    _GLOBAL["scale"] = 1.0
+
+
+# -- strict mode --------------------------------------------------------------------------
+
+
+def _densifies(z, r, x):
+    y = jnp.sin(z) * x
+    return jax.jit(lambda a, b: a + jnp.sum(b))(y, r)  # `reduce_sum` of a Ruleless
+
+
+def _args():
+    return Zero((3,), jnp.float32), Ruleless(jnp.arange(3.0)), jnp.ones(3)
+
+
+def test_strict_error_names_primitive_type_and_line():
+    f = quax.quaxify(_densifies, materialise="error")
+    with pytest.raises(quax.MaterialiseError, match="reduce_sum") as info:
+        f(*_args())
+    assert "Ruleless" in str(info.value) and "test_trust.py" in str(info.value)
+    assert isinstance(info.value, quax.QuaxError)
+
+
+def test_strict_mode_is_part_of_every_cache_key():
+    allow = quax.quaxify(_densifies)
+    error = quax.quaxify(_densifies, materialise="error")
+    expected = jnp.ones(3) * 0 + 3.0
+    assert (allow(*_args()) == expected).all()  # caches the trace and the jit body
+    with pytest.raises(quax.MaterialiseError):
+        error(*_args())
+    with pytest.raises(quax.MaterialiseError), quax.strict():
+        allow(*_args())
+    assert (allow(*_args()) == expected).all()  # and back: the "allow" entries serve
+    with quax.strict():
+        assert (quax.quaxify(_densifies, materialise="allow")(*_args()) == 3).all()
+
+
+def test_strict_warn_and_clean_program():
+    with pytest.warns(quax.MaterialiseWarning, match="reduce_sum"):
+        out = quax.quaxify(_densifies, materialise="warn")(*_args())
+    assert (out == 3).all()
+    with quax.strict():  # nothing materialises: no error
+        out = quax.quaxify(lambda z, x: jax.jit(jnp.sin)(z) * x)(
+            Zero((3,), jnp.float32), jnp.ones(3)
+        )
+    assert isinstance(out, Zero)
+    with pytest.raises(ValueError, match="one of"):
+        quax.quaxify(_densifies, materialise="never")
+
+
+def test_strict_inside_control_flow():
+    def f(r, x):
+        return jax.lax.scan(lambda c, _: (c + r, None), x, length=2)[0]
+
+    with pytest.raises(quax.MaterialiseError, match="Ruleless"), quax.strict():
+        quax.quaxify(f)(Ruleless(jnp.ones(3)), jnp.ones(3))
+
+
+# -- caches under threads ---------------------------------------------------------------
+
+
+def test_caches_under_eight_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fn(z, r, x, s):
+        y = jax.jit(lambda a: jnp.cos(a) * s)(r + z)
+        return jax.checkpoint(lambda a: a * 2.0)(y) + x
+
+    quaxed = quax.quaxify(fn)
+    dense = jax.jit(fn, static_argnums=3)
+
+    def job(i):
+        n = 1 + i % 2
+        s = (0.5, -0.0)[i // 2 % 2]
+        r = jnp.arange(n, dtype=jnp.float32) + i
+        args = (Zero((n,), jnp.float32), Ruleless(r), jnp.ones(n))
+        got = quaxed(*args, s)
+        want = dense(jnp.zeros(n), r, jnp.ones(n), s)
+        return bool((got == want).all()) and got.shape == want.shape
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(job, range(16)))
+    from quax._quaxify import TRACES
+    from quax.handlers._jit import JIT_TRACES
+
+    for cache in (TRACES, JIT_TRACES):
+        for closed, _ in cache._entries.values():
+            assert not any(isinstance(c, jax.core.Tracer) for c in closed.consts)
+    assert len(TRACES) <= TRACES.maxsize
+
+
+def test_trace_cache_is_bounded_lru():
+    from quax._walker import TraceCache
+
+    cache = TraceCache(maxsize=2)
+    closed = jax.make_jaxpr(jnp.sin)(1.0)
+    for k in "abc":
+        assert cache.put(k, closed, None)
+        cache.get("a")  # "a" stays the most recently used
+    assert len(cache) == 2 and cache.get("a") is not None and cache.get("b") is None

@@ -14,6 +14,7 @@ import jax.core
 import numpy as np
 
 from .. import _compat
+from .._strict import STATE
 from .._walker import (
     TraceCache,
     bind,
@@ -49,7 +50,10 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     literals = tuple(
         _literal_key(x) if f else None for x, f in zip(invals, folded, strict=True)
     )
-    key = (closed, literals, operands_key(leaves, spec))
+    # The walk depends on the strict mode; `quax.explain` walks every time.
+    key = None
+    if STATE.recorder is None:
+        key = (closed, literals, operands_key(leaves, spec), STATE.mode)
     entry = JIT_TRACES.get(key)
     if entry is None:
         entry = _walk_to_jaxpr(closed, invals, folded, leaves, spec)
@@ -58,9 +62,9 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
             return walk_closed(closed, invals)
         JIT_TRACES.put(key, *entry)
     new_closed, out_spec = entry
-    if not new_closed.jaxpr.eqns:
-        # Nothing left to compute (e.g. every output is a symbolic zero): emit no
-        # empty `jit` shell, just forward.
+    if not new_closed.jaxpr.eqns and _no_placement(eqn.params):
+        # Nothing left to compute (e.g. every output is a symbolic zero) and no
+        # sharding asked of the results: emit no empty `jit` shell, just forward.
         out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
         return unflatten_operands(out_leaves, out_spec)
     params = dict(eqn.params, jaxpr=new_closed)
@@ -73,6 +77,11 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
             params[name] = expand_per_operand(params[name], out_spec)
     out_leaves = bind(eqn, leaves, eqn.primitive.get_bind_params(params))
     return unflatten_operands(out_leaves, out_spec)
+
+
+def _no_placement(params: dict[str, Any]) -> bool:
+    shardings = (*params.get("in_shardings", ()), *params.get("out_shardings", ()))
+    return all(_compat.is_unspecified_sharding(s) for s in shardings)
 
 
 def _is_scalar_literal(x: Any) -> bool:

@@ -247,7 +247,7 @@ class BCOO(ArrayValue):
     def div(self, other: Any, /, **params):
         if isinstance(other, Value) or jnp.shape(other) != ():
             return NotImplemented
-        return self._replace(self.data / other)
+        return self._replace(_div(self.data, other))
 
     def add(self, other: Any, /, **params):
         """Sparse + sparse concatenates the entries; sparse + dense adds the entries
@@ -822,3 +822,8 @@ def _over_batch(fn: Callable, n_batch: int) -> Callable:
     for _ in range(n_batch):
         fn = jax.vmap(fn)
     return fn
+
+
+def _div(x: Array, scalar: Array) -> Array:
+    """`lax.div` by a scalar (integer division truncates, as the primitive does)."""
+    return lax.div(x, jnp.broadcast_to(scalar, x.shape).astype(x.dtype))

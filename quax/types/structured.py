@@ -45,7 +45,7 @@ class _Matrix(ArrayValue):
             return NotImplemented
         transpose = tuple(lc) == (0,)  # self's rows contracted: self.T @ other
         if isinstance(other, Value):
-            if other.ndim != 2 or tuple(rc) != (0,):
+            if len(_shape(other)) != 2 or tuple(rc) != (0,):
                 return NotImplemented
             return _cast(self._matmul(other, transpose), out_dtype)
         z = jnp.moveaxis(jnp.asarray(other), rc[0], 0).astype(out_dtype)
@@ -60,7 +60,7 @@ class _Matrix(ArrayValue):
         # lhs @ self contracts self's rows: (self.T @ lhs.T).T, and vice versa.
         transpose = tuple(rc) == (0,)
         if isinstance(lhs, Value):
-            if lhs.ndim != 2 or tuple(lc) != (1,):
+            if len(_shape(lhs)) != 2 or tuple(lc) != (1,):
                 return NotImplemented
             return _cast(self._rmatmul(lhs, not transpose), out_dtype)
         z = jnp.moveaxis(jnp.asarray(lhs), lc[0], 0).astype(out_dtype)
@@ -204,7 +204,7 @@ class TridiagonalMatrix(_Matrix):
     def div(self, other: Any, /, **params):
         if isinstance(other, Value) or jnp.shape(other) != ():
             return NotImplemented
-        return self._map(lambda x: x / other)
+        return self._map(lambda x: _div(x, other))
 
     def neg(self, **params):
         return self._map(lambda x: -x)
@@ -314,7 +314,7 @@ class Diagonal(_Matrix):
     def div(self, other: Any, /, **params):
         if isinstance(other, Value) or jnp.shape(other) != ():
             return NotImplemented
-        return Diagonal(self.diagonal / other)
+        return Diagonal(_div(self.diagonal, other))
 
     def neg(self, **params):
         return Diagonal(-self.diagonal)
@@ -411,7 +411,7 @@ class Identity(_Matrix):
     def div(self, other: Any, /, **params):
         if isinstance(other, Value) or jnp.shape(other) != ():
             return NotImplemented
-        return Identity(self.dim, self.scale / other)
+        return Identity(self.dim, _div(self.scale, other))
 
     def neg(self, **params):
         return Identity(self.dim, -self.scale)
@@ -521,6 +521,8 @@ class Kronecker(_Matrix):
     def div(self, other: Any, /, **params):
         if isinstance(other, Value) or jnp.shape(other) != ():
             return NotImplemented
+        if not jnp.issubdtype(self.dtype, jnp.inexact):
+            return NotImplemented  # integer division does not distribute
         return Kronecker(quaxify(jnp.divide)(self.left, other), self.right)
 
     def neg(self, **params):
@@ -632,3 +634,8 @@ def _prod(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
+
+
+def _div(x: Array, scalar: Array) -> Array:
+    """`lax.div` by a scalar (integer division truncates, as the primitive does)."""
+    return lax.div(x, jnp.broadcast_to(scalar, x.shape).astype(x.dtype))

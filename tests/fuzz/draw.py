@@ -2,6 +2,7 @@
 the running array's shape, and checks every drawn operation with `jax.eval_shape` on
 dense arrays (an operation JAX rejects is drawn again)."""
 
+import functools as ft
 import math
 from typing import Any
 
@@ -142,7 +143,7 @@ class Gen:
         from .ops import CATALOGUE
 
         for _ in range(TRIES):
-            name = self.choice(names)
+            name = self.choice(_weighted(names))
             n_extras = len(self.extras)
             try:
                 op = CATALOGUE[name].draw(self, x, depth)
@@ -176,6 +177,15 @@ class Gen:
         return tuple(ops)
 
 
+@ft.lru_cache(maxsize=64)
+def _weighted(names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names`, each repeated by its weight (structural operations, which reach the
+    types' handlers in more ways, are drawn more often than elementwise ones)."""
+    from .ops import CATALOGUE
+
+    return tuple(n for n in names for _ in range(CATALOGUE[n].weight))
+
+
 def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """`a` broadcasts against `b` without rank promotion and without growing `b`."""
     if a == ():
@@ -190,6 +200,17 @@ def draw_program(
     data: Any, v_aval: jax.ShapeDtypeStruct, names: tuple[str, ...], max_ops: int = 6
 ) -> Program:
     """A program of 2-`max_ops` operations from `names`, on a value of aval `v_aval`."""
+    # Tracer-leak checking (on in the test suite) triples the cost of drawing, whose
+    # `eval_shape` checks cannot leak into quax: off while drawing.
+    leaks = jax.config.jax_check_tracer_leaks
+    jax.config.update("jax_check_tracer_leaks", False)
+    try:
+        return _draw_program(data, v_aval, names, max_ops)
+    finally:
+        jax.config.update("jax_check_tracer_leaks", leaks)
+
+
+def _draw_program(data, v_aval, names, max_ops):
     gen = Gen(data, v_aval, names)
     n_ops = gen.integer(2, max_ops)
     s = gen.draw(st.sampled_from(S_VALUES) | st.floats(-3, 3, width=32), label="s")

@@ -26,12 +26,16 @@ from .program import Arg, apply_ops, literal
 CATALOGUE: dict[str, Any] = {}
 
 
-def register(*names: str, body: bool = False, control: bool = False) -> Callable:
-    """Register a draw function (`draw(gen, x, depth)`) under each of `names`."""
+def register(
+    *names: str, body: bool = False, control: bool = False, weight: int = 1
+) -> Callable:
+    """Register a draw function (`draw(name, gen, x, depth)`) under each of `names`.
+    `body`: usable in a loop or branch body; `control`: has bodies of its own;
+    `weight`: how often it is drawn, relative to an elementwise operation."""
 
     def decorate(fn):
         for name in names:
-            CATALOGUE[name] = _Entry(ft.partial(fn, name), body, control)
+            CATALOGUE[name] = _Entry(ft.partial(fn, name), body, control, weight)
         return fn
 
     return decorate
@@ -42,6 +46,7 @@ class _Entry:
     draw: Callable[..., Any]
     body: bool
     control: bool
+    weight: int
 
 
 # -- operands ------------------------------------------------------------------------
@@ -165,7 +170,7 @@ class Clip:
         return jnp.clip(x, self.lo.get(x, env), self.hi.get(x, env))
 
 
-@register("clip", body=True)
+@register("clip", body=True, weight=2)
 def _draw_clip(name, gen, x, depth):
     kinds = ("none", "s", "e", "lit", "lit")
 
@@ -198,7 +203,7 @@ class Where:
         return jnp.where(cond, y, x) if self.swap else jnp.where(cond, x, y)
 
 
-@register("where", body=True)
+@register("where", body=True, weight=3)
 def _draw_where(name, gen, x, depth):
     cond = gen.choice(("cmp", "mask", "s"))
     c = gen.literal() if cond == "cmp" else None
@@ -233,7 +238,7 @@ class Reduce:
         return REDUCE[self.fn](x, axis=self.axis, keepdims=self.keepdims)
 
 
-@register(*REDUCE)
+@register(*REDUCE, weight=2)
 def _draw_reduce(name, gen, x, depth):
     axis = None if x.ndim == 0 or gen.integer(0, 3) == 0 else gen.axes(x.ndim)
     return Reduce(name, axis, gen.boolean())
@@ -302,7 +307,7 @@ class Reshape:
         return jnp.reshape(x, self.shape)
 
 
-@register("reshape")
+@register("reshape", weight=2)
 def _draw_reshape(name, gen, x, depth):
     rank = gen.integer(0 if math.prod(x.shape) == 1 else 1, 4)
     dims = [1] * rank
@@ -324,7 +329,7 @@ class Transpose:
         return jnp.transpose(x, self.perm)
 
 
-@register("transpose")
+@register("transpose", weight=2)
 def _draw_transpose(name, gen, x, depth):
     return Transpose(tuple(gen.permutation(range(x.ndim))))
 
@@ -370,7 +375,7 @@ class BroadcastTo:
         return jnp.broadcast_to(x, self.shape)
 
 
-@register("broadcast_to")
+@register("broadcast_to", weight=2)
 def _draw_broadcast_to(name, gen, x, depth):
     shape = tuple(gen.integer(1, 3) if d == 1 else d for d in x.shape)
     if gen.boolean():
@@ -448,7 +453,7 @@ class Pad:
         return jnp.pad(x, self.widths, mode=self.mode)
 
 
-@register("pad")
+@register("pad", weight=2)
 def _draw_pad(name, gen, x, depth):
     widths = tuple((gen.integer(0, 2), gen.integer(0, 2)) for _ in x.shape)
     mode = gen.choice(("constant", "constant", "edge", "reflect", "wrap"))
@@ -466,7 +471,7 @@ class LaxPad:
         return lax.pad(x, jnp.asarray(self.c, x.dtype), self.config)
 
 
-@register("lax_pad")
+@register("lax_pad", weight=2)
 def _draw_lax_pad(name, gen, x, depth):
     config = tuple(
         (gen.integer(-1, 2), gen.integer(-1, 2), gen.integer(0, 1)) for _ in x.shape
@@ -547,7 +552,7 @@ class LaxSlice:
         return lax.slice(x, self.start, self.limit, self.strides)
 
 
-@register("lax_slice")
+@register("lax_slice", weight=2)
 def _draw_lax_slice(name, gen, x, depth):
     start, limit = [], []
     for d in x.shape:
@@ -606,7 +611,7 @@ def _pairs(
     return out
 
 
-@register("dot_general")
+@register("dot_general", weight=6)
 def _draw_dot_general(name, gen, x, depth):
     kind = gen.choice(("e", "e", "v", "x"))
     if kind == "e":
@@ -655,7 +660,7 @@ class Matmul:
         return y @ x if self.swap else x @ y
 
 
-@register("matmul")
+@register("matmul", weight=2)
 def _draw_matmul(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -705,7 +710,7 @@ class StaticIndex:
         return x[tuple(index)]
 
 
-@register("index")
+@register("index", weight=3)
 def _draw_index(name, gen, x, depth):
     items: list = []
     for d in x.shape[: gen.integer(0, x.ndim)]:
@@ -735,7 +740,7 @@ class ArrayIndex:
         return x[..., idx] if self.last else x[idx]
 
 
-@register("array_index")
+@register("array_index", weight=2)
 def _draw_array_index(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -763,7 +768,7 @@ class Take:
         )
 
 
-@register("take")
+@register("take", weight=3)
 def _draw_take(name, gen, x, depth):
     axis = None if x.ndim == 0 or gen.boolean() else gen.axis(x.ndim)
     n = math.prod(x.shape) if axis is None else x.shape[axis]
@@ -791,7 +796,7 @@ class AtGet:
         return x.at[idx].get(mode=self.mode, fill_value=self.fill)
 
 
-@register("at_get")
+@register("at_get", weight=3)
 def _draw_at_get(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -821,7 +826,7 @@ class TakeAlongAxis:
         )
 
 
-@register("take_along_axis")
+@register("take_along_axis", weight=2)
 def _draw_take_along_axis(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -852,7 +857,7 @@ class AtUpdate:
         return ref(self.update.get(x, env), mode=self.mode)
 
 
-@register("at_set", "at_add", "at_mul", "at_min", "at_max", body=True)
+@register("at_set", "at_add", "at_mul", "at_min", "at_max", body=True, weight=2)
 def _draw_at_update(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -894,7 +899,7 @@ class UpdateInto:
         return ref.add(x, mode=self.mode) if self.add else ref.set(x, mode=self.mode)
 
 
-@register("update_into")
+@register("update_into", weight=2)
 def _draw_update_into(name, gen, x, depth):
     k = gen.integer(1, 3)
     mode = gen.choice((None, "drop", "clip"))
@@ -925,7 +930,7 @@ def _starts(gen: Gen, shape: tuple[int, ...]) -> tuple:
     return tuple(out)
 
 
-@register("dynamic_slice")
+@register("dynamic_slice", weight=3)
 def _draw_dynamic_slice(name, gen, x, depth):
     sizes = tuple(gen.integer(1, d) if d else 0 for d in x.shape)
     return DynamicSlice(_starts(gen, x.shape), sizes)
@@ -947,7 +952,7 @@ class DynamicUpdateSlice:
         return lax.dynamic_update_slice(x, y.astype(x.dtype), starts)
 
 
-@register("dynamic_update_slice", body=True)
+@register("dynamic_update_slice", body=True, weight=3)
 def _draw_dynamic_update_slice(name, gen, x, depth):
     into = gen.boolean()
     if into:
@@ -972,7 +977,7 @@ class Concatenate:
         return jnp.concatenate([y, x] if self.swap else [x, y], axis=self.axis)
 
 
-@register("concatenate")
+@register("concatenate", weight=2)
 def _draw_concatenate(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -1000,7 +1005,7 @@ class Stack:
         return jnp.stack([y, x] if self.swap else [x, y], axis=self.axis)
 
 
-@register("stack")
+@register("stack", weight=2)
 def _draw_stack(name, gen, x, depth):
     kind = gen.choice(("e", "x", "v"))
     other = Arg("e", index=gen.plain(x.shape)) if kind == "e" else Arg(kind)
@@ -1019,7 +1024,7 @@ class Split:
         return jnp.split(x, list(self.at), axis=self.axis)[self.pick]
 
 
-@register("split")
+@register("split", weight=2)
 def _draw_split(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -1044,7 +1049,7 @@ class Sort:
         )
 
 
-@register("sort", body=True)
+@register("sort", body=True, weight=2)
 def _draw_sort(name, gen, x, depth):
     axis = None if x.ndim == 0 or gen.integer(0, 3) == 0 else gen.axis(x.ndim)
     return Sort(axis, gen.boolean(), gen.boolean())
@@ -1082,7 +1087,7 @@ class SortKeyed:
         return lax.sort(ops, dimension=self.axis, num_keys=1, is_stable=True)[self.pick]
 
 
-@register("sort_keyed")
+@register("sort_keyed", weight=2)
 def _draw_sort_keyed(name, gen, x, depth):
     if x.ndim == 0:
         return None
@@ -1138,7 +1143,7 @@ class Cond:
         )
 
 
-@register("cond", body=True, control=True)
+@register("cond", body=True, control=True, weight=3)
 def _draw_cond(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1170,7 +1175,7 @@ class Switch:
         )
 
 
-@register("switch", body=True, control=True)
+@register("switch", body=True, control=True, weight=3)
 def _draw_switch(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1205,7 +1210,7 @@ class While:
         return lax.while_loop(cond, body, (0, x))[1]
 
 
-@register("while", body=True, control=True)
+@register("while", body=True, control=True, weight=3)
 def _draw_while(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1226,7 +1231,7 @@ class Fori:
         return lax.fori_loop(0, upper, lambda i, y: apply_ops(self.body, y, env), x)
 
 
-@register("fori", body=True, control=True)
+@register("fori", body=True, control=True, weight=3)
 def _draw_fori(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1282,7 +1287,7 @@ class Scan:
         return ys if self.ys else carry
 
 
-@register("scan_carry", "scan_xs", "scan_const", body=True, control=True)
+@register("scan_carry", "scan_xs", "scan_const", body=True, control=True, weight=3)
 def _draw_scan(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1308,7 +1313,7 @@ class Map:
         return lax.map(ft.partial(apply_ops, self.body, env=env), x)
 
 
-@register("map", control=True)
+@register("map", control=True, weight=2)
 def _draw_map(name, gen, x, depth):
     if depth >= MAX_DEPTH or x.ndim == 0:
         return None
@@ -1332,7 +1337,7 @@ class Checkpoint:
         )
 
 
-@register("checkpoint", body=True, control=True)
+@register("checkpoint", body=True, control=True, weight=2)
 def _draw_checkpoint(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1355,7 +1360,7 @@ class NestedJit:
         return fn(fn(x)) if self.twice else fn(x)
 
 
-@register("jit", body=True, control=True)
+@register("jit", body=True, control=True, weight=3)
 def _draw_jit(name, gen, x, depth):
     if depth >= MAX_DEPTH:
         return None
@@ -1385,7 +1390,7 @@ class JitScalar:
         return JITTED[self.fn](x, self.c)
 
 
-@register("jit_scalar", body=True)
+@register("jit_scalar", body=True, weight=2)
 def _draw_jit_scalar(name, gen, x, depth):
     return JitScalar(gen.choice(tuple(JITTED)), gen.literal())
 
@@ -1469,7 +1474,7 @@ class Custom:
         return CUSTOM[self.fn](x)
 
 
-@register(*CUSTOM, body=True)
+@register(*CUSTOM, body=True, weight=2)
 def _draw_custom(name, gen, x, depth):
     return Custom(name)
 
