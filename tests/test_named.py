@@ -155,3 +155,17 @@ def test_outer_product_of_one_name():
     out = quax.quaxify(jnp.outer)(v, v.rename({"b": "c"}))
     assert out.axes == ("b", "c")
     np.testing.assert_allclose(out.array, jnp.outer(v.array, v.array))
+
+
+def test_scan_xs_and_ys_keep_names(getkey):
+    xs = named(getkey(), (4, 3), ("t", "b"))
+    h0 = named(getkey(), (3,), ("b",))
+
+    def fn(h0, xs):
+        return lax.scan(lambda h, x: (h + x, h * x), h0, xs)
+
+    h, ys = quax.quaxify(fn)(h0, xs)
+    assert h.axes == ("b",) and ys.axes[1:] == ("b",)
+    ref_h, ref_ys = fn(h0.array, xs.array)
+    np.testing.assert_allclose(h.array, ref_h, rtol=1e-6)
+    np.testing.assert_allclose(ys.array, ref_ys, rtol=1e-6)

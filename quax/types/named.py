@@ -267,7 +267,7 @@ class NamedArray(ArrayValue):
     | `reshape` | kept where an axis passes through; merged axes get the tuple of their names; a split is not handled |
     | `concatenate` | all operands must have the same names |
     | `lax.scan` carry, `cond`, `while` | kept |
-    | `lax.scan` `xs`/`ys` | materialised (slicing must also drop a name: needs the stack hook) |
+    | `lax.scan` `xs` / `ys` | **kept**: a step sees the array without its first name; `ys` get a new `Positional` leading axis |
     | anything else (`gather` with array indices, a plain array `@` a named one, ...) | materialises if `allow_materialise=True`, else an error naming the primitive |
 
     A plain array meets a named one where that is unambiguous: a scalar always; an
@@ -308,6 +308,20 @@ class NamedArray(ArrayValue):
                 "take `.array` yourself."
             )
         return self.array
+
+    def unstack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """As `lax.scan`'s `xs`: each step sees the array without its first name."""
+        if not self.axes or _shape(self.array)[0] != length:
+            return None
+        axes, allow = self.axes[1:], self.allow_materialise
+        return self.array, lambda piece: NamedArray(piece, axes, allow)
+
+    def stack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """As `lax.scan`'s `ys`: the steps stacked along a new `Positional` axis."""
+        del length
+        new = _fresh(Positional, self.axes, 1)[0]
+        axes, allow = (new, *self.axes), self.allow_materialise
+        return self.array, lambda stacked: NamedArray(stacked, axes, allow)
 
     def _with(self, array: Any, axes: Sequence[Any]) -> "NamedArray":
         return NamedArray(array, tuple(axes), self.allow_materialise)
