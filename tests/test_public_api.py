@@ -11,17 +11,21 @@ def test_public_names():
         "ArrayValue",
         "HandlerResultError",
         "HandlerSignatureError",
+        "MaterialiseError",
+        "MaterialiseWarning",
         "NoHandlerError",
         "QuaxError",
         "QuaxifyTypeError",
         "QuaxWarning",
         "Value",
+        "explain",
         "handler",
         "handler_name",
         "handlers",
         "leaf_shardings",
         "not_handler",
         "quaxify",
+        "strict",
     }
     # Subpackages, present once imported.
     optional = {
@@ -44,6 +48,8 @@ def test_version():
 
 
 def test_quaxify_signature_matches_quax_library():
-    params = list(inspect.signature(quax.quaxify).parameters)
-    assert params == ["fn", "filter_spec"]
-    assert inspect.signature(quax.quaxify).parameters["filter_spec"].default is True
+    params = inspect.signature(quax.quaxify).parameters
+    # The Quax library's two positional parameters, then keyword-only additions.
+    assert list(params)[:2] == ["fn", "filter_spec"]
+    assert params["filter_spec"].default is True
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(params.values())[2:])
