@@ -250,4 +250,5 @@ def test_parameters_honoured_as_dense():
         got = densify(quax.quaxify(fn)(z))
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-        assert np.array_equal(np.signbit(got), np.signbit(expected))
+        signed = ~np.isnan(np.asarray(expected))  # a NaN's sign is not a value
+        assert np.array_equal(np.signbit(got)[signed], np.signbit(expected)[signed])
