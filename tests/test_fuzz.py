@@ -20,6 +20,13 @@ from fuzz.program import iter_ops
 from fuzz.replay import variants
 
 
+# Programs are slow to run (compiles) and often redrawn (exclusions, rejected draws).
+HEALTH_CHECKS = [
+    hypothesis.HealthCheck.too_slow,
+    hypothesis.HealthCheck.filter_too_much,
+    hypothesis.HealthCheck.data_too_large,
+    hypothesis.HealthCheck.large_base_example,
+]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1"))
 
 
@@ -46,7 +53,7 @@ def test_fuzz(kind, mode):
         derandomize=False,
         print_blob=True,
         report_multiple_bugs=False,
-        suppress_health_check=list(hypothesis.HealthCheck),
+        suppress_health_check=HEALTH_CHECKS,
     )
     @hypothesis.given(st.data())
     def run(data):
