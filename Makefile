@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo lint bench clean fuzz
+.PHONY: test demo demo-sharded lint bench clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ fuzz: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-demo
 	JAX_PLATFORMS=cpu $(PY) examples/lora_finetune.py
+
+# The sharded fine-tune of issue 11, on 8 CPU devices.
+demo-sharded: $(VENV)/.installed-demo
+	JAX_PLATFORMS=cpu $(PY) examples/lora_sharded.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check quax tests benchmarks examples

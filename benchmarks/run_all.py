@@ -32,6 +32,8 @@ BENCHES = (
     "eager",
     "lora_runtime",
     "zero",
+    "sparse",
+    "structured",
 )
 OURS, THEIRS = "quax", "quax-pypi"
 

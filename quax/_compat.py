@@ -67,6 +67,11 @@ pure_callback_p = _private_primitive("jax._src.callback", "pure_callback_p")
 io_callback_p = _private_primitive("jax._src.callback", "io_callback_p")
 debug_callback_p = _private_primitive("jax._src.debugging", "debug_callback_p")
 debug_print_p = _private_primitive("jax._src.debugging", "debug_print_p")
+# `jax.shard_map` (and `jax.pmap`, built on it since JAX 0.10) binds a primitive that
+# `jax.extend` does not export (JAX 0.10.2, 0.11.2).
+shard_map_p = _private_primitive("jax._src.shard_map", "shard_map_p")
+device_put_p = getattr(_prims, "device_put_p", None)
+sharding_constraint_p = getattr(_prims, "sharding_constraint_p", None)
 
 
 def scan_split(params: dict[str, Any], n_operands: int) -> tuple[int, int]:
@@ -101,3 +106,20 @@ def is_eager() -> bool:
     from jax._src import core  # private; see docstring
 
     return isinstance(core.trace_ctx.trace, core.EvalTrace)
+
+
+def trace_context() -> Any:
+    """The configuration that can change what tracing produces (x64, rank promotion,
+    default matmul precision, ...), as a hashable tuple: what `jax.jit` puts in its own
+    cache keys. No public accessor in JAX 0.10.2."""
+    from jax._src import config  # private; see docstring
+
+    return config.trace_context()
+
+
+def is_unspecified_sharding(sharding: Any) -> bool:
+    """Whether a `jit` equation's in/out sharding entry is JAX's "unspecified"
+    placeholder (JAX 0.10.2: `jax._src.named_sharding.UnspecifiedValue`, not public)."""
+    from jax._src.named_sharding import UnspecifiedValue  # private; see docstring
+
+    return isinstance(sharding, UnspecifiedValue)

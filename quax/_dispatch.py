@@ -1,26 +1,45 @@
-"""The dispatch protocol: which method of which value runs a primitive.
+"""The dispatch protocol (version 2): which handler of which value runs a primitive.
 
 For one equation whose operands include at least one `Value`:
 
 1. Candidates: the `Value` operands, one per class, left to right, except that a class
    comes before any of its base classes (Python's rule for `__radd__`; NEP 13).
-2. Handler name: `handler_name(primitive.name)`. The candidate at operand 0 is asked
-   `xs[0].name(*xs[1:], **params)`; when the equation has exactly two operands the
-   candidate at operand 1 is asked the reflected `xs[1].rname(xs[0], **params)`. A
-   candidate at any other position is reached only through `default` (step 5).
-3. Lookup by MRO: plain attribute lookup on the class; only functions count.
-4. Declining: a handler returns `NotImplemented`, or its parameter annotations reject
+2. Handler name: `handler_name(primitive.name)`. For each candidate in turn:
+   a. positional handlers: a candidate at operand 0 is asked its handlers registered
+      under `name` as `h(xs[0], *xs[1:], **params)`; when the equation has exactly two
+      operands, a candidate at operand 1 is asked those under the reflected `rname`
+      as `h(xs[1], xs[0], **params)`;
+   b. then its any-position handlers (`@quax.handler(name, operands="all")`) as
+      `h(*xs, **params)`, wherever its values are (higher-order primitives included:
+      the walker asks this before quax's own handler for `scan`, `cond`, `jit`, ...).
+3. Overloads: a class's handlers for one name come from its handler table
+   (`quax/_table.py`), built once when the class is created. A method named after the
+   primitive (an implicit handler) and `@quax.handler(name)` functions are overloads
+   at their definition position; the class's own overloads come first, in definition
+   order, then each base's in MRO order; an attribute redefined by a subclass replaces
+   the base's (Python's attribute lookup). The first overload that accepts the
+   operands and does not decline wins.
+4. Declining: a handler returns `NotImplemented`, or its operand annotations reject
    the operands (checked with beartype). A result violating its return annotation is
-   a `HandlerResultError`.
+   a `HandlerResultError`; a signature that cannot take the operands or the
+   primitive's parameters is a `HandlerSignatureError`.
 5. Default: each candidate class overriding `default(primitive, operands, params)` is
    asked in order. If none takes the equation, every value is materialised and the
    primitive is bound as usual; if a `materialise()` raises, `NoHandlerError`.
 6. Check: each result must have the shape and dtype JAX traced for that output.
+
+Why this order. Definition order is the order a reader sees in the class body, which
+is the type's rule table: specific overloads go first and a catch-all last, as in a
+`match` statement (an unannotated overload followed by another of the same name in
+the same class is rejected when the class is created, since it would shadow it).
+Subclass before bases is Python's own rule for methods and for `__radd__`: a subclass
+refines its base, so its rules are asked first and the base's remain as a fallback
+unless the subclass redefines the attribute, exactly as a method override. Positional
+handlers come before any-position ones because they are the more specific statement
+("I am operand 0"). The table is computed at class creation, so a call costs one dict
+lookup per candidate and no MRO walk, and mistakes surface at the `class` line.
 """
 
-import functools as ft
-import inspect
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +51,10 @@ from ._errors import (
     _MSG_BAD_RESULT_AVAL,
     _MSG_BAD_RESULT_COUNT,
     _MSG_BAD_RETURN_ANNOTATION,
+    _MSG_CLASS_POSITION,
     _MSG_CLASS_REASON,
+    _MSG_FIX_ANYWHERE,
+    _MSG_FIX_METHOD,
     _MSG_NO_HANDLER,
     HandlerResultError,
     NoHandlerError,
@@ -41,13 +63,9 @@ from ._errors import (
     list_names,
     type_names,
 )
-from ._values import (
-    Value,
-    aval_of,
-    handler_name,
-    materialise,
-    primitive_handler_names,
-)
+from ._strict import on_materialise
+from ._table import _NO_HINT, Handler, handler_table
+from ._values import Value, aval_of, handler_name, materialise
 
 
 def candidates(operands: Sequence[Any]) -> list[tuple[type, int]]:
@@ -71,69 +89,24 @@ def candidates(operands: Sequence[Any]) -> list[tuple[type, int]]:
 
 
 def lookup_handler(cls: type, name: str) -> Callable | None:
-    """The function `cls.name`, found by MRO, or None if it is not a function."""
-    if name.startswith("_"):
-        return None
-    fn = getattr(cls, name, None)
-    if inspect.isfunction(fn):
-        return fn
-    return None
+    """The first handler of `cls` registered under `name` for a value at operand 0
+    (or 1, for a reflected name), or None."""
+    overloads = handler_table(cls).positional.get(name)
+    return overloads[0].fn if overloads else None
 
 
-@ft.cache
-def defined_handlers(cls: type) -> tuple[str, ...]:
-    """The handler methods a class defines (itself or inherited), for messages."""
-    prims = primitive_handler_names()
-    return tuple(
-        sorted(n for n in dir(cls) if n in prims and lookup_handler(cls, n) is not None)
-    )
+def defined_handlers(cls: type) -> list[str]:
+    """The handler names a class defines (itself or inherited), for messages."""
+    return handler_table(cls).names()
 
 
-# -- annotations ----------------------------------------------------------------------
-
-_NO_HINT = object()
-
-
-@ft.cache
-def _signature_hints(cls: type, fn: Callable) -> tuple[tuple[Any, ...], Any, Any]:
-    """`(positional operand hints after self, *args hint, return hint)`; `_NO_HINT`
-    where there is no annotation. String annotations may name the class or any of its
-    bases (`-> "Zero"`), even when the class is local to a function."""
-    localns = {c.__name__: c for c in reversed(cls.__mro__)}
-    try:
-        hints = typing.get_type_hints(fn, localns=localns, include_extras=True)
-    except Exception:  # noqa: BLE001 -- unresolvable names: keep what is not a string
-        raw = getattr(fn, "__annotations__", {})
-        hints = {k: v for k, v in raw.items() if not isinstance(v, str)}
-    sig = inspect.signature(fn)
-    positional: list[Any] = []
-    vararg: Any = _NO_HINT
-    for i, param in enumerate(sig.parameters.values()):
-        if i == 0:
-            continue  # self
-        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            positional.append(hints.get(param.name, _NO_HINT))
-        elif param.kind is param.VAR_POSITIONAL:
-            vararg = hints.get(param.name, _NO_HINT)
-    return tuple(positional), vararg, hints.get("return", _NO_HINT)
-
-
-def _accepts(cls: type, fn: Callable, operands: Sequence[Any]) -> bool:
-    positional, vararg, _ = _signature_hints(cls, fn)
-    for i, x in enumerate(operands):
-        hint = positional[i] if i < len(positional) else vararg
-        if hint is not _NO_HINT and not is_bearable(x, hint):
-            return False
-    return True
-
-
-def _check_return(cls: type, fn: Callable, where: str, result: Any, eqn: Any) -> None:
-    hint = _signature_hints(cls, fn)[2]
+def _check_return(cls: type, h: Handler, result: Any, eqn: Any) -> None:
+    hint = h.hints()[2]
     if hint is _NO_HINT or is_bearable(result, hint):
         return
     raise HandlerResultError(
         _MSG_BAD_RETURN_ANNOTATION.format(
-            where=where,
+            where=f"{cls.__name__}.{h.attr}",
             got=type(result).__name__,
             prim=eqn.primitive.name,
             site=format_site(eqn.source_info),
@@ -162,27 +135,38 @@ def handler_operands(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return out
 
 
+_NAMES: dict[str, str] = {}
+
+
 def try_handlers(eqn: Any, operands: Sequence[Any], params: dict[str, Any]) -> Any:
-    """Steps 1-4: ask each candidate's handler method. Returns the handler's result, or
+    """Steps 1-4: ask each candidate's handlers. Returns `(where, result)`, or
     `NotImplemented` if every candidate declined."""
-    name = handler_name(eqn.primitive.name)
+    prim = eqn.primitive.name
+    name = _NAMES.get(prim)
+    if name is None:
+        name = _NAMES[prim] = handler_name(prim)
     binary = len(operands) == 2
     for cls, pos in candidates(operands):
+        table = handler_table(cls)
         if pos == 0:
-            fn, args, method = lookup_handler(cls, name), operands, name
+            overloads, args = table.positional.get(name, ()), operands
         elif pos == 1 and binary:
-            method = "r" + name
-            fn, args = lookup_handler(cls, method), (operands[1], operands[0])
+            overloads = table.positional.get("r" + name, ())
+            args = (operands[1], operands[0])
         else:
-            continue
-        if fn is None or not _accepts(cls, fn, args[1:]):
-            continue
-        result = fn(*args, **params)
-        if result is NotImplemented:
-            continue
-        where = f"{cls.__name__}.{method}"
-        _check_return(cls, fn, where, result, eqn)
-        return where, result
+            overloads, args = (), operands
+        anywhere = table.anywhere.get(name, ())
+        for h in (*overloads, *anywhere) if anywhere else overloads:
+            call_args = operands if h.all_operands else args
+            if h.annotated and not h.accepts(call_args):
+                continue
+            if not h.var_kw or not h.min_args <= len(call_args) <= h.max_args:
+                h.check_call(cls, prim, len(call_args), params)
+            result = h.fn(*call_args, **params)
+            if result is NotImplemented:
+                continue
+            _check_return(cls, h, result, eqn)
+            return f"{cls.__name__}.{h.attr}", result
     return NotImplemented
 
 
@@ -214,6 +198,7 @@ def implicit_materialise(eqn: Any, x: Any, operands: Sequence[Any]) -> Any:
     and the user's line."""
     if not isinstance(x, Value):
         return x
+    on_materialise(eqn, x, operands)  # strict mode and `quax.explain`
     try:
         return materialise(x)
     except HandlerResultError:
@@ -224,32 +209,40 @@ def implicit_materialise(eqn: Any, x: Any, operands: Sequence[Any]) -> Any:
 
 def _no_handler_message(eqn: Any, invals: Sequence[Any], failed: Value, err: Exception):
     name = handler_name(eqn.primitive.name)
-    reasons = []
-    for cls, _ in candidates(invals):
-        if cls is not type(failed):
-            continue
-        default = (
-            f"{cls.__name__}.default declined"
-            if _overrides_default(cls)
-            else f"{cls.__name__} does not override `default`"
+    cls = type(failed)
+    positions = [i for i, x in enumerate(invals) if type(x) is cls]
+    positional = 0 in positions or (1 in positions and len(invals) == 2)
+    default = (
+        f"{cls.__name__}.default declined"
+        if _overrides_default(cls)
+        else f"{cls.__name__} does not override `default`"
+    )
+    fields = dict(
+        cls=cls.__name__,
+        prim=eqn.primitive.name,
+        handler=name,
+        defined=list_names(defined_handlers(cls)),
+        default=default,
+        err_type=type(err).__name__,
+        err=str(err).strip().replace("\n", "\n    "),
+    )
+    if positional or name in handler_table(cls).anywhere:
+        reason = _MSG_CLASS_REASON.format(**fields)
+        fix = _MSG_FIX_METHOD.format(handler=name, first=cls.__name__)
+    else:
+        where = ", ".join(str(i) for i in positions)
+        reason = _MSG_CLASS_POSITION.format(
+            positions=("position " if len(positions) == 1 else "positions ") + where,
+            **fields,
         )
-        reasons.append(
-            _MSG_CLASS_REASON.format(
-                cls=cls.__name__,
-                handler=name,
-                defined=list_names(defined_handlers(cls)),
-                default=default,
-                err_type=type(err).__name__,
-                err=str(err).strip().replace("\n", "\n    "),
-            )
-        )
+        fix = _MSG_FIX_ANYWHERE.format(handler=name, first=cls.__name__)
     return _MSG_NO_HANDLER.format(
         prim=eqn.primitive.name,
         types=type_names(invals),
         site=format_site(eqn.source_info),
-        reasons="\n".join(reasons),
-        handler=name,
-        first=type(failed).__name__,
+        reasons=reason,
+        fix=fix,
+        first=cls.__name__,
     )
 
 

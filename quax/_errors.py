@@ -29,20 +29,67 @@ class QuaxifyTypeError(QuaxError, TypeError):
     """`quaxify` was used on something it cannot wrap."""
 
 
+class HandlerSignatureError(QuaxError, TypeError):
+    """A handler's signature cannot take the operands or parameters JAX binds its
+    primitive with."""
+
+
 class QuaxBugError(QuaxError, RuntimeError):
     """An invariant of quax itself broke."""
+
+
+class QuaxWarning(UserWarning):
+    """A value class that works but is probably not what its author meant."""
 
 
 _MSG_NO_HANDLER: Final = """\
 quax: no way to run `{prim}` on operands ({types}) at {site}.
 {reasons}
-To fix: add `def {handler}(self, ...)` to {first}, handle `{prim}` in \
-{first}.default, or make materialise() succeed."""
+To fix: {fix}, handle `{prim}` in {first}.default, or make materialise() succeed."""
+
+_MSG_FIX_METHOD: Final = "add `def {handler}(self, ...)` to {first}"
+
+_MSG_FIX_ANYWHERE: Final = """\
+add `@quax.handler("{handler}", operands="all")` to a staticmethod of {first} \
+taking every operand"""
 
 _MSG_CLASS_REASON: Final = """\
   {cls} defines no `{handler}` handler that accepted these operands \
 (it defines: {defined}), {default}, and {cls}.materialise() raised:
     {err_type}: {err}"""
+
+_MSG_CLASS_POSITION: Final = """\
+  {cls} is at operand {positions} of `{prim}`, and {cls}.{handler} only ever sees \
+a value at operand 0 (and `r{handler}` one at operand 1 of a binary primitive); \
+a handler for a value at any position is registered with \
+`@quax.handler("{handler}", operands="all")`. {cls} defines: {defined}; {default}; \
+and {cls}.materialise() raised:
+    {err_type}: {err}"""
+
+_MSG_UNREACHABLE_OVERLOAD: Final = """\
+quax: {cls}.{later} can never run as a `{name}` handler: {cls}.{first}, defined \
+before it, handles `{name}` with no operand annotations, so it accepts every call \
+first (a class's overloads are tried in definition order).
+To fix: define the more specific overload (with annotations) first, or annotate \
+the operands of {cls}.{first}."""
+
+_MSG_HANDLER_NO_PARAMS: Final = """\
+quax: {cls}.{attr} is a handler of the JAX primitive `{prim}` (by its name \
+`{name}`), but it takes no `**params`, and JAX binds `{prim}` with parameters; \
+calling it would fail.
+To fix: {hint}."""
+
+_MSG_HANDLER_BAD_KEYWORDS: Final = """\
+quax: {where} cannot be called as the handler of `{prim}`: JAX binds `{prim}` \
+with the parameters ({params}), and its signature does not match them ({unknown}).
+To fix: add `**params` to the signature of {where} (and read what you need from \
+it), or mark it `@quax.not_handler` if it is not meant to be a handler."""
+
+_MSG_HANDLER_BAD_ARITY: Final = """\
+quax: {where} cannot be called as the handler of `{prim}`: quax calls it with \
+{n} operands ({how}), which its signature does not take.
+To fix: take the operands as `*operands`, or as many positional parameters as \
+`{prim}` has operands."""
 
 _MSG_BAD_RESULT_AVAL: Final = """\
 quax: {where} returned {got} for output {index} of `{prim}` at {site}, but JAX \
@@ -160,3 +207,39 @@ def describe_aval(aval: Any) -> str:
     if shape is None or dtype is None:
         return f"{aval!r}"
     return f"{dtype}{list(shape)}"
+
+
+_MSG_BAD_LEAF_SPECS: Final = """\
+quax: {cls}.leaf_specs() must give one `PartitionSpec` per leaf of the value \
+({n_leaves} leaves), but gave {got}.
+To fix: return a pytree shaped like the value (e.g. `jax.tree.map(lambda _: spec, \
+self)`) with a `jax.sharding.PartitionSpec` at every leaf, saying how the logical \
+array's spec maps onto that leaf."""
+
+_MSG_BAD_SHARD: Final = """\
+quax: {what} {cls} value inside `shard_map` has aval {got}, but JAX expects \
+{expected} there.
+To fix: make {cls}.leaf_specs() split the leaves so that a shard of every leaf \
+makes a shard of the value, and {cls}.shard_structure(shape) resize the static \
+fields that depend on the shape."""
+
+
+# -- strict mode (appended by helper trust) ---------------------------------------------
+
+
+class MaterialiseError(QuaxError, TypeError):
+    """In strict mode (`quax.strict()`, `quaxify(fn, materialise="error")`), quax
+    would have materialised a value implicitly."""
+
+
+class MaterialiseWarning(UserWarning):
+    """In `materialise="warn"` mode, quax materialised a value implicitly."""
+
+
+_MSG_MATERIALISE: Final = """\
+quax: `{prim}` would materialise a {cls} into a dense array (operands: {types}), at
+  {site}
+Strict mode ("{mode}") reports every implicit materialisation.
+To fix: give {cls} a handler `{handler}` (or a `default`), materialise the value
+yourself before the call if dense is what you mean, or allow it for this function
+with `quax.quaxify(fn, materialise="allow")`."""

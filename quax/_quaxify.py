@@ -11,8 +11,9 @@ import numpy as np
 
 from . import _compat
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
+from ._strict import STATE, Mode, check_mode, mode_for_call
 from ._values import Value, aval_of, is_value
-from ._walker import TraceCache, walk_closed
+from ._walker import TraceCache, aval_key, static_key, treedef_key, walk_closed
 
 
 #: Traces of quaxified functions, shared by every `quaxify` wrapper.
@@ -33,6 +34,8 @@ def _is_array(x: Any) -> bool:
 class _Quaxify(eqx.Module):
     fn: Callable[..., Any]
     filter_spec: Any = eqx.field(static=True)
+    cache: bool = eqx.field(static=True, default=True)
+    materialise: str | None = eqx.field(static=True, default=None)
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
@@ -54,14 +57,20 @@ class _Quaxify(eqx.Module):
         leaves, treedef = jtu.tree_flatten(dynamic, is_leaf=is_value)
         if not any(isinstance(x, Value) for x in leaves):
             return self.fn(*args, **kwargs)  # nothing to dispatch on: the original
-        return _call(leaves, treedef, passthrough)
+        with mode_for_call(self.materialise):
+            return _call(leaves, treedef, passthrough, self.cache)
 
 
-def _call(leaves: list[Any], treedef: Any, passthrough: Any) -> Any:
+def _call(leaves: list[Any], treedef: Any, passthrough: Any, cache: bool) -> Any:
     positions = [i for i, x in enumerate(leaves) if is_value(x) or _is_array(x)]
     inputs = [leaves[i] for i in positions]
     avals = [aval_of(x) if is_value(x) else jax.typeof(x) for x in inputs]
-    key = _trace_key(leaves, treedef, passthrough, positions, avals)
+    recorder = STATE.recorder  # `quax.explain`: walk op by op, see every equation
+    key = None
+    if cache:
+        key = _trace_key(leaves, treedef, passthrough, positions, avals)
+        # The walk (compiled and cached with the trace) depends on the strict mode.
+        key = None if key is None else (key, STATE.mode)
     entry = TRACES.get(key)
     cached = entry is not None
     if entry is None:
@@ -69,7 +78,8 @@ def _call(leaves: list[Any], treedef: Any, passthrough: Any) -> Any:
         cached = cacheable and TRACES.put(key, *entry)
     closed_jaxpr, meta = entry
     fed = [inputs[k] for k in meta.keep]
-    outvals = _run_compiled(closed_jaxpr, meta, fed) if cached else None
+    use_compiled = cached and recorder is None
+    outvals = _run_compiled(closed_jaxpr, meta, fed) if use_compiled else None
     if outvals is None:
         outvals = walk_closed(closed_jaxpr, fed)
     out_leaves = list(meta.out_leaves)
@@ -168,7 +178,10 @@ def _spec(aval: Any) -> jax.ShapeDtypeStruct:
 
 
 def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
-    """Everything the traced program depends on, or None if it cannot be keyed."""
+    """Everything the traced program depends on, or None if it cannot be keyed:
+    structures and static leaves by `treedef_key`/`static_key` (so `f(v, 0.0)` and
+    `f(v, -0.0)`, or `f(v, 1)` and `f(v, True)`, are different programs), the avals
+    with weak types, and JAX's configuration."""
     pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
     if any(is_value(x) or _is_array(x) for x in pass_leaves):
         return None  # values passed through are closed over: never reused
@@ -176,22 +189,25 @@ def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
     parts: list[Any] = []
     for i, x in enumerate(leaves):  # in leaf order: `f(2.0, v)` is not `f(v, 2.0)`
         if i not in avals_at:
-            parts.append(("static", type(x), x))
+            parts.append(("static", static_key(x)))
         elif is_value(x):
             vleaves, vtreedef = jtu.tree_flatten(x)
-            parts.append((vtreedef, tuple(_aval_key(jax.typeof(v)) for v in vleaves)))
+            vavals = tuple(aval_key(jax.typeof(v)) for v in vleaves)
+            parts.append((treedef_key(vtreedef), vavals))
         else:
-            parts.append(_aval_key(avals_at[i]))
-    key = (treedef, tuple(parts), pass_treedef, tuple(pass_leaves))
+            parts.append(aval_key(avals_at[i]))
+    key = (
+        treedef_key(treedef),
+        tuple(parts),
+        treedef_key(pass_treedef),
+        tuple(static_key(x) for x in pass_leaves),
+        _compat.trace_context(),
+    )
     try:
         hash(key)
     except TypeError:
         return None
     return key
-
-
-def _aval_key(aval: Any) -> Any:
-    return (aval.shape, aval.dtype, aval.weak_type)
 
 
 def _as_output(x: Any) -> Any:
@@ -201,7 +217,13 @@ def _as_output(x: Any) -> Any:
     return x
 
 
-def quaxify(fn: Callable[..., Any], filter_spec: Any = True) -> Callable[..., Any]:
+def quaxify(
+    fn: Callable[..., Any],
+    filter_spec: Any = True,
+    *,
+    cache: bool = True,
+    materialise: Mode | None = None,
+) -> Callable[..., Any]:
     """Make `fn` accept array-ish values (`quax.ArrayValue`s) wherever it accepts arrays.
 
     `fn` is traced to a jaxpr with each value replaced by its `aval()`, and the jaxpr
@@ -214,12 +236,25 @@ def quaxify(fn: Callable[..., Any], filter_spec: Any = True) -> Callable[..., An
     - `filter_spec`: a prefix of `(fn, args, kwargs)` of bools (or callables returning
       bools), as in `eqx.partition`. Values at `False` positions are passed through to
       `fn` untouched (for a nested `quaxify` to handle).
+    - `cache`: whether to reuse the trace of `fn` for later calls with the same
+      static arguments and the same shapes, dtypes and structures (the default, as
+      `jax.jit` does: Python side effects and global reads of `fn` happen when it is
+      traced, not on every call). `False` traces `fn` again on every call.
+    - `materialise`: what an implicit materialisation (a value turned into a dense
+      array because no handler took a primitive) does during this function's calls:
+      `"allow"` it, `"warn"` (`quax.MaterialiseWarning`) or raise
+      `quax.MaterialiseError`. None (the default): as set by `quax.strict`, else
+      `"allow"`.
 
     **Returns:**
 
-    A callable (an equinox Module) with the same signature as `fn`. Values returned by
-    `fn` come back as values of the same types. It also works as a method decorator.
+    A callable (an equinox Module) with the same signature as `fn`, and its
+    `__name__`, `__qualname__`, `__doc__`, `__module__` and `__wrapped__` (as
+    `functools.wraps`). Values returned by `fn` come back as values of the same
+    types. It also works as a method decorator.
     """
     if not callable(fn):
         raise QuaxifyTypeError(_MSG_NOT_CALLABLE.format(got=fn, type=type(fn).__name__))
-    return _Quaxify(fn, filter_spec)
+    if materialise is not None:
+        check_mode(materialise, "quaxify's `materialise`")
+    return eqx.module_update_wrapper(_Quaxify(fn, filter_spec, cache, materialise))

@@ -7,7 +7,6 @@ plain array (`materialise()`), and handles primitives with methods named after t
 import abc
 import functools as ft
 import inspect
-import keyword
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import jax.core
 import jax.extend.core as jexc
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import (
@@ -25,34 +25,12 @@ from ._errors import (
     HandlerResultError,
     describe_aval,
 )
-
-
-def handler_name(prim_name: str) -> str:
-    """The method name that handles the primitive called `prim_name`.
-
-    `eqn.primitive.name` as an identifier: hyphens become underscores (`scatter-add` ->
-    `scatter_add`) and Python keywords get a trailing underscore (`and` -> `and_`), as
-    in the `operator` module. The reflected handler is `"r" + handler_name(...)`.
-    """
-    name = prim_name.replace("-", "_")
-    return name + "_" if keyword.iskeyword(name) else name
-
-
-@ft.cache
-def primitive_handler_names() -> dict[str, str]:
-    """Every handler name of the primitives JAX exports, forward and reflected,
-    mapped to the primitive's name. Computed from `jax.lax` and
-    `jax.extend.core.primitives`, never kept by hand."""
-    names: dict[str, str] = {}
-    for module in (jax.lax, jexc.primitives):
-        for attr in dir(module):
-            prim = getattr(module, attr, None)
-            if isinstance(prim, jexc.Primitive):
-                name = handler_name(prim.name)
-                names.setdefault(name, prim.name)
-                names.setdefault("r" + name, prim.name)
-    # Names that clash with helpers every Value has are not primitives of interest.
-    return names
+from ._table import (
+    build_table,
+    handler_name as handler_name,
+    is_not_handler,
+    primitive_handler_names as primitive_handler_names,
+)
 
 
 def is_value(x: Any) -> bool:
@@ -80,6 +58,7 @@ class Value(eqx.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_namespace(cls)
+        build_table(cls)  # the handlers, read by dispatch (quax/_table.py)
 
     @abc.abstractmethod
     def aval(self) -> jax.core.AbstractValue:
@@ -114,7 +93,12 @@ def _check_namespace(cls: type) -> None:
                 )
             )
     for attr, obj in cls.__dict__.items():
-        if attr.startswith("_") or attr not in prims or _is_method_like(obj):
+        if (
+            attr.startswith("_")
+            or attr not in prims
+            or _is_method_like(obj)
+            or is_not_handler(obj)
+        ):
             continue
         kind = "a property" if isinstance(obj, property) else "an attribute"
         raise TypeError(
@@ -149,6 +133,12 @@ def _is_arraylike(x: Any) -> bool:
 
 def _same_shape_dtype(a: Any, b: Any) -> bool:
     return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+
+
+def _leading(leaf: Any) -> int | None:
+    """The size of a leaf's axis 0, or None for a scalar."""
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+    return shape[0] if shape else None
 
 
 def _describe(x: Any) -> str:
@@ -195,10 +185,11 @@ class ArrayValue(Value):
     def T(self) -> Any:
         return _quaxified(jnp.transpose)(self)
 
+    # -- slicing and stacking along a leading axis (`lax.scan` xs and ys) --
+
     def scan_leafwise(self) -> bool:
-        """Whether `lax.scan` may slice this value along its leading axis leaf by leaf
-        (a value as `xs`), and stack per-step values of this type the same way (as
-        `ys`), so the scanned body sees values and runs their handlers.
+        """A shortcut for `unstack` and `stack`: whether slicing (stacking) every leaf
+        of this value along axis 0 slices (stacks) the value.
 
         Return True only if, for every `i`, `jax.tree.map(lambda l: l[i], v)` is the
         value whose `materialise()` is `materialise(v)[i]` (e.g. a stack of LoRA
@@ -208,10 +199,85 @@ class ArrayValue(Value):
         """
         return False
 
+    def unstack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """How to split this value along axis 0 into `length` values (a value as
+        `lax.scan`'s `xs`, or `lax.map`'s input), so the scanned body sees values.
+
+        Return `(arrays, rebuild)`: every leaf of the pytree `arrays` has leading axis
+        `length`, and `rebuild(slices)`, given `arrays` sliced at one index `i`, is the
+        value whose `materialise()` is `materialise(self)[i]`. `rebuild` must close
+        over static data only, never over this value's arrays. Return None to have
+        quax materialise the value instead.
+
+        The default follows `scan_leafwise()`: if True, and every leaf has the leading
+        axis `length`, the leaves are sliced one by one; otherwise None.
+        """
+        if not self.scan_leafwise():
+            return None
+        leaves, treedef = jtu.tree_flatten(self)
+        if not leaves or not all(_leading(leaf) == length for leaf in leaves):
+            return None
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
+
+    def stack(self, length: int) -> tuple[Any, Callable[[Any], Any]] | None:
+        """How to stack `length` per-step values like this one (same class and static
+        fields) along a new axis 0 (a value among `lax.scan`'s `ys`).
+
+        Return `(arrays, rebuild)`: `arrays` is this step's pytree of arrays, and
+        `rebuild(stacked)`, given those arrays of every step stacked along a new axis
+        0, is the value whose `materialise()` is the stack of the steps'
+        `materialise()`s. `rebuild` must close over static data only. Return None to
+        have quax materialise each step's value instead.
+
+        The default follows `scan_leafwise()`: if True, the leaves are stacked one by
+        one; otherwise None.
+        """
+        if not self.scan_leafwise():
+            return None
+        leaves, treedef = jtu.tree_flatten(self)
+        if not leaves:
+            return None
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
+
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of unsized object")
         return self.shape[0]
+
+    # -- conversion to Python scalars: as a JAX array does --
+    # A value that cannot convert (`bool` of two elements, `int` of a 1-d value, a
+    # traced value) raises JAX's own error; one that can is materialised and its
+    # element converted, concretely and eagerly.
+
+    def __bool__(self) -> bool:
+        return self._to_python(bool)
+
+    def __int__(self) -> int:
+        return self._to_python(int)
+
+    def __float__(self) -> float:
+        return self._to_python(float)
+
+    def __complex__(self) -> complex:
+        return self._to_python(complex)
+
+    def __index__(self) -> int:
+        return self._to_python(operator.index)
+
+    def _to_python(self, convert: Callable[[Any], Any]) -> Any:
+        aval = aval_of(self)
+        size = int(np.prod(aval.shape, dtype=np.int64))
+        if convert is bool:
+            refused = size != 1
+            stand_in = (0,) if size == 0 else (2,) + (1,) * (len(aval.shape) - 1)
+        else:
+            refused = len(aval.shape) != 0
+            stand_in = (1,) * len(aval.shape)
+        if refused:
+            # JAX's error from an array of at most two elements that converts the
+            # same way, without materialising this value.
+            convert(jnp.zeros(stand_in, aval.dtype))
+        return convert(materialise(self))
 
     def __getitem__(self, index: Any) -> Any:
         return _quaxified(operator.getitem)(self, index)
@@ -225,6 +291,35 @@ class ArrayValue(Value):
             "implicitly (that would materialise it silently).\n"
             f"To fix: call `.materialise()` first, e.g. `np.asarray(value.materialise())`."
         )
+
+    def leaf_specs(self, spec: Any) -> Any:
+        """How a `PartitionSpec` of the logical array this value stands for maps onto
+        its leaves: a pytree shaped like `self` with a `PartitionSpec` at every leaf.
+        Used by `jax.device_put`, `with_sharding_constraint` and `shard_map` (and so
+        `jax.pmap`) on values, and by `quax.leaf_shardings`.
+
+        The default gives `spec` to every leaf of the value's own shape and replicates
+        every other leaf (`PartitionSpec()`): right whenever the other leaves are
+        small parameters every shard needs whole (a scale, a bias). Override it when a
+        leaf holds a slice of the logical array along a sharded axis (LoRA's `a` and
+        `b` do).
+        """
+        from jax.sharding import PartitionSpec
+
+        shape = tuple(aval_of(self).shape)
+
+        def one(leaf: Any) -> Any:
+            same = tuple(getattr(leaf, "shape", ())) == shape
+            return spec if same else PartitionSpec()
+
+        return jax.tree.map(one, self)
+
+    def shard_structure(self, shape: tuple[int, ...]) -> "ArrayValue":
+        """This value's structure for one block of shape `shape` (one device's shard
+        in `shard_map`, or the whole array a shard belongs to): a value whose static
+        fields fit `shape`; its leaves are ignored. The default, `self`, is right when
+        no static field depends on the shape; `Zero` returns `Zero(shape, dtype)`."""
+        return self
 
     # -- operators: each runs the `jax.numpy` function under `quax.quaxify` --
 
@@ -332,6 +427,26 @@ class ArrayValue(Value):
 
     # numpy arrays on the left defer to our reflected operators.
     __array_ufunc__ = None
+
+    # -- derivatives: how tangents and cotangents cross `materialise()` --
+    # Used where a custom derivative rule (`jax.custom_jvp`, `jax.custom_vjp`) runs on
+    # dense tangents: quax/handlers/_custom_derivatives.py. Neither is a handler.
+
+    def pushforward(self, tangent: Any) -> Any:
+        """The dense tangent of `materialise()` when this value's leaves move along
+        `tangent` (a pytree like `self`, holding one tangent per leaf; zeros where a
+        leaf is not perturbed): the JVP of `materialise()`. Override it to compute
+        the tangent without forming the dense value; it must be linear in `tangent`.
+        The default differentiates `materialise()`."""
+        return jax.jvp(lambda v: materialise(v), (self,), (tangent,))[1]
+
+    def pullback(self, cotangent: Any) -> Any:
+        """The cotangents of this value's leaves, as a pytree like `self`, given the
+        dense `cotangent` of `materialise()`: the transpose of `pushforward`. Override
+        it to pull back structurally (LoRA: `a` and `b` need only `a`, `b` and the
+        cotangent, never `w + a @ b`). The default differentiates `materialise()`."""
+        _, pull = jax.vjp(lambda v: materialise(v), self)
+        return pull(cotangent)[0]
 
 
 def _operand_ok(x: Any) -> bool:

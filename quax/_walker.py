@@ -8,6 +8,7 @@ and context manager, strictly in order, and dead variables are freed after last 
 """
 
 import contextlib
+import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from ._dispatch import (
     try_handlers,
 )
 from ._errors import site
+from ._strict import STATE
 from ._values import Value
 
 
@@ -92,19 +94,32 @@ def bind(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) 
 
 def run_eqn(eqn: Any, invals: list[Any]) -> list[Any]:
     """Run one equation with at least one value operand (dispatch protocol)."""
+    recorder = STATE.recorder
+    if recorder is None:
+        return dispatch_eqn(eqn, invals)[1]
+    with recorder.equation(eqn, invals) as took:  # `quax.explain` is running
+        where, outvals = dispatch_eqn(eqn, invals)
+        took(where)
+    return outvals
+
+
+def dispatch_eqn(eqn: Any, invals: list[Any]) -> tuple[str, list[Any]]:
+    """`run_eqn`, also saying what took the equation: `"Cls.method"`,
+    `"Cls.default"`, `"built-in"` (a higher-order handler of quax) or
+    `"materialised"`."""
     prim = eqn.primitive
     with site(eqn.source_info), eqn_context(eqn):
         operands = handler_operands(eqn, invals)
         found = try_handlers(eqn, operands, eqn.params)
         if found is NotImplemented and prim in HIGHER_ORDER:
-            return HIGHER_ORDER[prim](eqn, invals)
+            return "built-in", HIGHER_ORDER[prim](eqn, invals)
         if found is NotImplemented:
             bind_params = prim.get_bind_params(eqn.params)
             found = try_defaults(eqn, operands, bind_params)
         if found is NotImplemented:
-            return bind(eqn, materialise_all(eqn, invals))
+            return "materialised", bind(eqn, materialise_all(eqn, invals))
         where, result = found
-        return check_results(eqn, where, result)
+        return where, check_results(eqn, where, result)
 
 
 def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -115,6 +130,8 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     # before the next), so it is read once.
     base_names = source_info_util.current_name_stack()
     user_context = source_info_util.user_context
+    if STATE.recorder is not None:  # once per walk, never per equation
+        STATE.recorder.walking(jaxpr)
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
@@ -177,10 +194,21 @@ def walk_closed(closed_jaxpr: Any, args: Sequence[Any]) -> list[Any]:
     return walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
 
 
+#: Unary primitives computed while tracing when their operand is a scalar literal: pure
+#: functions of that operand alone. Never a collective (`pvary 2.0` and `psum 1` depend
+#: on the axes of an enclosing `shard_map`), a random or a higher-order primitive.
+_FOLDABLE = frozenset(
+    "convert_element_type broadcast_in_dim reshape squeeze expand_dims copy neg sign "
+    "abs exp exp2 log log1p expm1 sqrt rsqrt cbrt sin cos tan asin acos atan sinh "
+    "cosh tanh asinh acosh atanh logistic floor ceil round not integer_pow "
+    "is_finite real imag conj square reduce_precision".split()
+)
+
 _Run = list[tuple[Any, tuple[Any, ...], bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
+_PLANS_LOCK = threading.Lock()
 
 
 def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
@@ -210,44 +238,102 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
         # while tracing (`convert_element_type 0`), so handlers downstream see the
         # value: `jnp.pad(zero, 1)` stays a Zero.
         foldable = (
-            len(eqn.invars) == 1
-            and not eqn.effects
-            and eqn.primitive not in HIGHER_ORDER
+            len(eqn.invars) == 1 and not eqn.effects and eqn.primitive.name in _FOLDABLE
         )
         plan[-1][1].append((eqn, tuple(d), foldable))
-    _PLANS[jaxpr] = plan
+    with _PLANS_LOCK:  # a WeakKeyDictionary is not safe to write from two threads
+        _PLANS[jaxpr] = plan
     return plan
+
+
+# -- cache keys -------------------------------------------------------------------------
+# A cache key must tell apart everything that can change the traced program. `==`
+# merges things a program can see: `0.0 == -0.0`, `1 == 1.0 == True`, and a NaN is
+# never equal to itself (so it would never hit). Keys are built from each object's
+# type and, for numbers, its bit pattern.
+
+
+def static_key(x: Any) -> Any:
+    """A hashable key for a static Python object: equal only when `x` and the other
+    object are interchangeable in a program (same type; same bits for floats, so
+    signed zeros and NaN payloads differ; recursively for tuples, lists and dicts)."""
+    t = type(x)
+    if t is int or t is bool or t is str or x is None:
+        return (t, x)
+    if isinstance(x, float):
+        return (t, struct.pack("<d", x))
+    if isinstance(x, complex):
+        return (t, struct.pack("<dd", x.real, x.imag))
+    if t is tuple or t is list:
+        return (t, tuple(static_key(e) for e in x))
+    if t is dict:
+        return (t, tuple((static_key(k), static_key(v)) for k, v in x.items()))
+    if isinstance(x, np.ndarray | np.generic):
+        return (t, x.dtype, x.shape, np.ascontiguousarray(x).tobytes())
+    return (t, x)
+
+
+def treedef_key(treedef: Any) -> Any:
+    """A key for a pytree structure that also tells apart its static data by
+    `static_key` (a treedef's own `==` compares static fields with `==`)."""
+    node = treedef.node_data()
+    if node is None:
+        return None  # a leaf
+    node_type, aux = node
+    return (
+        node_type,
+        static_key(aux),
+        tuple(treedef_key(c) for c in treedef.children()),
+    )
+
+
+def aval_key(aval: Any) -> Any:
+    """Shape, dtype and weak type of an aval (tokens and other avals: the aval)."""
+    if not hasattr(aval, "shape"):
+        return aval
+    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+
+
+def operands_key(leaves: Sequence[Any], spec: Any) -> Any:
+    """The key of flattened operands (`handlers._common.flatten_operands`): each
+    value's structure by `treedef_key` and every leaf's aval."""
+    spec_key = tuple(None if s is None else (treedef_key(s[0]), s[1]) for s in spec)
+    return (spec_key, tuple(aval_key(jax.typeof(x)) for x in leaves))
 
 
 # -- tracing, with its cache ------------------------------------------------------------
 
 
 class TraceCache:
-    """A bounded LRU map from a trace key to `(closed_jaxpr, extra)`.
+    """A bounded LRU map from a trace key to `(closed_jaxpr, extra)`, safe to use
+    from several threads at once.
 
-    A key must determine the traced program completely (static parts, tree
-    structures, avals with weak types). `put` refuses entries whose constants are
-    tracers, so a cached jaxpr never carries the tracers of another trace.
+    A key must determine the traced program completely (static parts by
+    `static_key`, tree structures by `treedef_key`, avals with weak types). `put`
+    refuses entries whose constants are tracers, so a cached jaxpr never carries the
+    tracers of another trace.
     """
 
     def __init__(self, maxsize: int = 1024, *, allow_array_consts: bool = False):
         self.maxsize = maxsize
         self.allow_array_consts = allow_array_consts
         self._entries: dict[Any, Any] = {}
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: Any) -> Any:
         if key is None:
             return None
-        try:
-            entry = self._entries.pop(key)
-        except (KeyError, TypeError):
-            self.misses += 1
-            return None
-        self._entries[key] = entry  # most recently used goes last
-        self.hits += 1
-        return entry
+        with self._lock:
+            try:
+                entry = self._entries.pop(key)
+            except (KeyError, TypeError):
+                self.misses += 1
+                return None
+            self._entries[key] = entry  # most recently used goes last
+            self.hits += 1
+            return entry
 
     def put(self, key: Any, closed_jaxpr: Any, extra: Any) -> bool:
         """Store an entry; False if it may not be cached."""
@@ -255,17 +341,19 @@ class TraceCache:
             closed_jaxpr.consts, self.allow_array_consts
         ):
             return False
-        try:
-            self._entries[key] = (closed_jaxpr, extra)
-        except TypeError:  # an unhashable static part: never cached
-            return False
-        while len(self._entries) > self.maxsize:
-            self._entries.pop(next(iter(self._entries)))
+        with self._lock:
+            try:
+                self._entries[key] = (closed_jaxpr, extra)
+            except TypeError:  # an unhashable static part: never cached
+                return False
+            while len(self._entries) > self.maxsize:
+                self._entries.pop(next(iter(self._entries)))
         return True
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.hits = self.misses = 0
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -178,3 +178,69 @@ def make_zero(key):
 
     del key
     return Zero((3, 4), jnp.float32), jnp.zeros((3, 4), jnp.float32)
+
+
+@builder
+def make_quantized(key):
+    from quax.quantized import dequantize, quantize
+
+    wq = quantize(jr.normal(key, (3, 4)), bits=4, group_size=2)
+    return wq, dequantize(wq)
+
+
+@builder
+def make_lora_on_quantized(key):
+    from quax.lora import LoraArray
+    from quax.quantized import dequantize, quantize
+
+    kw, ka, kb = jr.split(key, 3)
+    wq = quantize(jr.normal(kw, (3, 4)), bits=8)
+    lora = LoraArray(wq, rank=2, allow_materialise=True, key=ka)
+    lora = eqx.tree_at(lambda x: x.b, lora, jr.normal(kb, (2, 4)))
+    return lora, dequantize(wq) + lora.a @ lora.b
+
+
+@builder
+def make_named(key):
+    from quax.named import NamedArray
+
+    x = jr.normal(key, (3, 4))
+    return NamedArray(x, ("a", "b"), allow_materialise=True), x
+
+
+def make_prng_key(key):
+    """A `quax.prng.ThreeFry` key and JAX's key with the same bits (not in BUILDERS:
+    keys have no arithmetic)."""
+    from quax.prng import ThreeFry
+
+    del key
+    value = ThreeFry(0)
+    return value, value.materialise()
+
+
+def make_unitful(key):
+    """A quantity in metres and its numbers (not in BUILDERS: a quantity never
+    becomes a plain array implicitly, so dense-equivalence cases do not apply)."""
+    from quax.units import Unitful, m
+
+    x = jr.normal(key, (3, 4))
+    return Unitful(x, m), x
+
+
+@builder
+def make_sparse(key):
+    """A 3 x 4 `quax.sparse.BCOO` with two of its twelve entries unstored."""
+    from quax.sparse import BCOO
+
+    x = jr.normal(key, (3, 4)).at[0, 1].set(0.0).at[2, 3].set(0.0)
+    return BCOO.fromdense(x, allow_materialise=True), x
+
+
+@builder
+def make_tridiagonal(key):
+    """A 4 x 4 `quax.structured.TridiagonalMatrix`."""
+    from quax.structured import TridiagonalMatrix
+
+    d, lo, up = jr.normal(key, (3, 4))
+    value = TridiagonalMatrix(d, lo[:3], up[:3])
+    return value, value.materialise()

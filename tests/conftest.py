@@ -1,3 +1,13 @@
+import os
+
+
+# Eight CPU devices for the sharding tests (tests/test_sharding.py), set before JAX
+# starts its backends; a device count the user already asked for is kept.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
 import jax
 import jax.random as jr
 import pytest

@@ -176,7 +176,7 @@ def test_no_handler_error_names_the_primitive():
         quax.quaxify(fn)(Opaque(jnp.eye(2)), jnp.ones(2))
 
 
-def test_shard_map_materialises(getkey):
+def test_shard_map_one_device(getkey):
     from jax.sharding import AxisType, PartitionSpec
 
     mesh = jax.make_mesh((1,), ("i",), axis_types=(AxisType.Auto,))

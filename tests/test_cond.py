@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from builders import BUILDERS, Ruleless, Scaled, StaticZero
+from builders import BUILDERS, Opaque, Ruleless, Scaled, StaticZero
 from helpers import assert_matches_dense, densify, tree_allclose
 
 import quax
@@ -101,3 +101,73 @@ def test_cond_vmapped_predicate(getkey):
     )
     expected = jax.vmap(lambda p: _two_way(p, dense, 1.0))(preds)
     assert tree_allclose(got, expected)
+
+
+# -- `lax.platform_dependent` (issue 13.6) --
+
+
+def _by_platform(x):
+    return jax.lax.platform_dependent(
+        x, cpu=lambda x: x * 2.0, default=lambda x: x * 3.0
+    )
+
+
+def test_platform_dependent_keeps_values():
+    value = Scaled(jnp.arange(3.0), jnp.asarray(1.5))
+    for fn in (quax.quaxify(_by_platform), jax.jit(quax.quaxify(_by_platform))):
+        out = fn(value)
+        # Both branches return a Scaled: it stays one, and the CPU branch ran.
+        assert isinstance(out, Scaled)
+        assert tree_allclose(out, 2.0 * densify(value))
+    # The program still chooses by platform when it is lowered.
+    jaxpr = jax.make_jaxpr(quax.quaxify(_by_platform))(value)
+    (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert cond.params["branches_platforms"] == (("cpu",), None)
+
+
+def test_platform_dependent_in_jnp_diagonal_keeps_zero():
+    from quax.zero import Zero
+
+    # `jnp.diagonal` and `jnp.diag` choose their lowering by platform (JAX 0.10.2).
+    z = Zero((3, 4), jnp.float32)
+    assert isinstance(quax.quaxify(jnp.diagonal)(z), Zero)
+    assert isinstance(quax.quaxify(jnp.diag)(Zero((3, 3), jnp.float32)), Zero)
+    got = jax.jit(quax.quaxify(lambda z, x: jnp.diagonal(z) + x))(z, jnp.ones(3))
+    assert tree_allclose(got, jnp.ones(3))
+
+
+@pytest.mark.parametrize("mode", ("grad", "vmap"))
+def test_platform_dependent_matches_dense(mode, getkey):
+    value, _ = BUILDERS["nested"](getkey())
+    fn = lambda y, x: jnp.diagonal(_by_platform(x * y))
+    assert_matches_dense(fn, jnp.asarray(1.5), value, mode=mode)
+
+
+# -- a value that refuses to materialise: an error naming the line (issue 8.4) --
+
+
+def _assert_names(err, prim, cls):
+    msg = str(err)
+    assert f"`{prim}`" in msg and cls in msg and "test_cond.py" in msg, msg
+
+
+def test_refusal_in_branches_of_different_kinds():
+    fn = lambda p, a, b: jax.lax.cond(p, lambda a, b: a, lambda a, b: b, a, b)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(True, Opaque(jnp.ones(3)), jnp.zeros(3))
+    _assert_names(info.value, "cond", "Opaque")
+
+
+class _OpaqueIndex(Opaque):
+    """Survives `switch`'s clamping of the index, so it reaches `cond` itself."""
+
+    @staticmethod
+    def default(primitive, operands, params):
+        return operands[1] if primitive.name == "clamp" else NotImplemented
+
+
+def test_refusal_of_a_value_index():
+    fn = lambda i, x: jax.lax.switch(i, [jnp.sin, jnp.cos], x)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(_OpaqueIndex(jnp.asarray(1, jnp.int32)), jnp.ones(3))
+    _assert_names(info.value, "cond", "_OpaqueIndex")

@@ -6,8 +6,10 @@ them (LowRank: `w + a @ b`), at points where the custom rule differs from
 differentiating the primal.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import pytest
 from builders import LowRank, Scaled
 from helpers import densify, tree_allclose
@@ -121,3 +123,43 @@ def test_primal_keeps_handlers_inside():
     f.defjvp(lambda p, t: (-p[0], -t[0]))
     v = Scaled(jnp.ones(3), jnp.asarray(2.0))
     assert tree_allclose(quax.quaxify(f)(v), -densify(v))
+
+
+# -- only what is perturbed is differentiated (issue 12.1) ------------------------------
+
+
+@jax.custom_jvp
+def matvec(w, x):
+    """`w @ x`, with its own (correct) rule: a user function taking a weight."""
+    return w @ x
+
+
+@matvec.defjvp
+def _matvec_jvp(primals, tangents):
+    (w, x), (w_dot, x_dot) = primals, tangents
+    return w @ x, w_dot @ x + w @ x_dot
+
+
+def test_grad_of_x_with_a_frozen_default_lora_weight():
+    # The weight's tangent is zero: its (refusing) LoraArray is never materialised,
+    # and the rule's `w @ x_dot` runs LoRA's low-rank matmul.
+    w = jr.normal(jr.key(0), (3, 4))
+    lora = quax.lora.LoraArray(w, rank=2, key=jr.key(1))
+    lora = eqx.tree_at(lambda lo: lo.b, lora, jnp.ones_like(lora.b))
+    x = jnp.arange(4.0)
+    f = lambda lora, x: jnp.sum(jnp.tanh(matvec(lora, x)))
+    got = jax.jit(jax.grad(quax.quaxify(f), argnums=1))(lora, x)
+    expected = jax.grad(f, argnums=1)(quax.lora.merge(lora), x)
+    assert tree_allclose(got, expected)
+
+
+def test_grad_of_adapters_through_a_user_rule():
+    # The adapters are perturbed: their tangent is LoRA's low-rank pushforward.
+    w = jr.normal(jr.key(0), (3, 4))
+    lora = quax.lora.LoraArray(w, rank=2, key=jr.key(1))
+    x = jnp.arange(4.0)
+    f = lambda lora: jnp.sum(jnp.tanh(matvec(lora, x)))
+    params, static = eqx.partition(lora, quax.lora.trainable(lora))
+    got = jax.grad(lambda p: quax.quaxify(f)(eqx.combine(p, static)))(params)
+    expected = jax.grad(lambda p: f(quax.lora.merge(eqx.combine(p, static))))(params)
+    assert tree_allclose((got.a, got.b), (expected.a, expected.b))

@@ -2,8 +2,10 @@
 
 import functools as ft
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import pytest
 from builders import LowRank, Scaled
 from helpers import densify, tree_allclose
@@ -102,3 +104,83 @@ def test_primal_value_and_vjp_function():
     assert tree_allclose(out, out_d)
     ct = jnp.array([2.0, -0.1])
     assert tree_allclose(pull(ct), pull_d(ct))
+
+
+# -- only what is perturbed; pulled back by the type (issue 12.1) -----------------------
+
+
+@eqx.filter_custom_vjp
+def eqx_matvec(w, x, scale):
+    """`scale * w @ x`, differentiable in `w` only (equinox asserts that `x` and
+    `scale`, its non-differentiable arguments, are never perturbed)."""
+    return scale * (w @ x)
+
+
+@eqx_matvec.def_fwd
+def _eqx_matvec_fwd(perturbed, w, x, scale):
+    return scale * (w @ x), None
+
+
+@eqx_matvec.def_bwd
+def _eqx_matvec_bwd(residuals, g, perturbed, w, x, scale):
+    return scale * jnp.outer(g, x)
+
+
+class Refusing(quax.ArrayValue):
+    """`w + u vᵀ`, which refuses to materialise but says how tangents and
+    cotangents cross `materialise()`, and multiplies by vectors structurally."""
+
+    w: jax.Array
+    u: jax.Array
+    v: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def materialise(self):
+        raise RuntimeError("Refusing to materialise.")
+
+    def dot_general(self, other: jax.Array, /, *, dimension_numbers, **params):
+        if other.ndim != 1 or dimension_numbers != (((1,), (0,)), ((), ())):
+            return NotImplemented
+        return self.w @ other + self.u * (self.v @ other)
+
+    def pushforward(self, tangent):
+        return tangent.w + jnp.outer(tangent.u, self.v) + jnp.outer(self.u, tangent.v)
+
+    def pullback(self, cotangent):
+        return Refusing(cotangent, cotangent @ self.v, cotangent.T @ self.u)
+
+
+def _refusing():
+    return Refusing(
+        jnp.arange(6.0).reshape(2, 3) / 6, jnp.array([1.0, -1.0]), jnp.ones(3)
+    )
+
+
+def _dense(r):
+    return r.w + jnp.outer(r.u, r.v)
+
+
+def test_filter_custom_vjp_with_a_value_and_nondiff_arguments():
+    # `x` is closed over and `scale` is an argument equinox declares
+    # non-differentiable: neither may arrive perturbed.
+    x, scale = jnp.array([1.0, 2.0, -1.0]), jnp.asarray(3.0)
+    f = lambda r: jnp.sum(jnp.sin(eqx_matvec(r, x, scale)))
+    got = jax.jit(jax.grad(quax.quaxify(f)))(_refusing())
+    expected = jax.grad(lambda w, u, v: f(w + jnp.outer(u, v)), argnums=(0, 1, 2))(
+        *jtu.tree_leaves(_refusing())
+    )
+    assert tree_allclose(jtu.tree_leaves(got), list(expected))
+
+
+def test_refusing_type_pulls_back_through_its_hook():
+    # `jax.custom_vjp` rule of a user: the value is used through `dot_general` in
+    # fwd and bwd, and its cotangent goes back with `Refusing.pullback`.
+    x = jnp.array([0.5, 1.0, -2.0])
+    f = lambda r: jnp.sum(mul_two(r @ x, jnp.ones(2)))
+    got = jax.grad(quax.quaxify(f))(_refusing())
+    expected = jax.grad(lambda r: jnp.sum(mul_two(_dense(r) @ x, jnp.ones(2))))(
+        _refusing()
+    )
+    assert tree_allclose(jtu.tree_leaves(got), jtu.tree_leaves(expected))

@@ -466,3 +466,316 @@ def test_demo_main_pieces_run_small(tmp_path):
     assert out["unchanged"] and out["max_diff"] < 1e-4
     losses = out["pretrain_losses"] + out["finetune_losses"]
     assert len(losses) == 5 and np.all(np.isfinite(losses))
+
+
+# -- values inside LoRA: the frozen weight is itself a value (issue 8.6) -----------------
+
+
+def test_lora_on_a_ruleless_weight_matches_dense(mode, getkey):
+    from builders import Ruleless
+
+    kw, ka, kb = jr.split(getkey(), 3)
+    lora = LoraArray(Ruleless(jr.normal(kw, (3, 4))), rank=2, key=ka, scale=1.0)
+    lora = eqx.tree_at(lambda m: m.b, lora, jr.normal(kb, (2, 4)))
+    x = jr.normal(getkey(), (5, 4))
+
+    def every_case(w, x):
+        out = {"w_at_x": w @ x[0], "x_at_w": x[:, :3] @ w, "x_at_wT": x @ w.T}
+        for name, fn in KEEPS_TYPE.items():
+            v = fn(w)
+            v = v.T if name in ("transpose", "chain") else v
+            out[name] = (x.astype(v.dtype) @ v.T).astype(jnp.float32)
+        return out
+
+    _check(every_case, lora, x, mode=mode, rtol=1e-2, atol=1e-2)
+
+
+# -- every parameter of every primitive (issue 8.2) ----------------------------------------
+
+
+def test_dot_general_precision_and_preferred_type(getkey):
+    lora = _lora(getkey())
+    lora16 = jtu.tree_map(
+        lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, lora
+    )
+    x = jr.normal(getkey(), (4, 5))
+    hi = lax.Precision.HIGHEST
+
+    def cases(w, x):
+        x = x.astype(w.dtype)
+        dn = (((1,), (0,)), ((), ()))
+        return {
+            "highest": lax.dot_general(w, x, dn, precision=hi).astype(jnp.float32),
+            "pair": lax.dot_general(
+                w, x, dn, precision=(hi, lax.Precision.DEFAULT)
+            ).astype(jnp.float32),
+            "preferred": lax.dot_general(w, x, dn, preferred_element_type=jnp.float32),
+            "rhs_preferred": lax.dot_general(
+                x.T, w.T, dn, preferred_element_type=jnp.float32
+            ),
+        }
+
+    got = quax.quaxify(cases)(lora16, x)
+    expected = cases(merge(lora16), x)
+    assert all(got[k].dtype == expected[k].dtype for k in got)
+    assert tree_allclose(got, expected, rtol=3e-2, atol=3e-2)
+    assert tree_allclose(quax.quaxify(cases)(lora, x), cases(merge(lora), x))
+
+
+def test_dot_algorithm_is_declined(getkey):
+    lora = _lora(getkey())
+    fn = lambda w, x: lax.dot_general(
+        w, x, (((1,), (0,)), ((), ())), precision=lax.DotAlgorithmPreset.F32_F32_F32
+    )
+    with pytest.raises(quax.NoHandlerError, match="dot_general"):
+        quax.quaxify(fn)(lora, jnp.ones(4))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda w: w * jnp.inf,
+        lambda w: -jnp.inf * w,
+        lambda w: w / 0.0,
+        lambda w: w / -0.0,
+        lambda w: w * jnp.nan,
+    ],
+    ids=["mul_inf", "rmul_neg_inf", "div_zero", "div_neg_zero", "mul_nan"],
+)
+def test_scalar_edge_cases_match_dense(fn, getkey):
+    # inf * (w + a b) is not inf * w + (inf * a) b where `a b` has zeros: declined.
+    lora = _lora(getkey(), allow_materialise=True)
+    lora = eqx.tree_at(lambda m: m.b, lora, lora.b.at[0].set(0.0))
+    got = quax.quaxify(fn)(lora)
+    assert tree_allclose(got, fn(merge(lora)))
+
+
+def test_structure_rules_refuse_what_they_cannot_honour(getkey):
+    lora = _lora(getkey())
+    with pytest.raises(quax.NoHandlerError, match="mul"):
+        quax.quaxify(lambda w: w * jnp.inf)(lora)
+    with pytest.raises(quax.NoHandlerError, match="convert_element_type"):
+        quax.quaxify(lambda w: w.astype(jnp.int32))(lora)
+
+
+# -- slicing keeps the structure ------------------------------------------------------------
+
+SLICES = {
+    "rows": lambda w: w[1:3],
+    "cols": lambda w: w[:, 1:],
+    "strided": lambda w: w[::2, 1::2],
+    "dynamic": lambda w: lax.dynamic_slice(w, (1, 2), (2, 2)),
+    "squeeze_to_row": lambda w: w[1],
+    "squeeze_to_col": lambda w: w[:, 2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLICES))
+def test_slices_keep_lora_or_give_the_row(name, getkey):
+    lora = _lora(getkey())
+    fn = SLICES[name]
+    out = quax.quaxify(fn)(lora)
+    assert isinstance(out, LoraArray) == (out.ndim == 2)
+    assert tree_allclose(merge(out), fn(merge(lora)))
+
+
+def test_batched_slices(getkey):
+    lora = _lora(getkey(), shape=(3, 4, 5))
+    for fn in (lambda w: w[1], lambda w: w[:, 1:3], lambda w: w[1:, :, 2]):
+        out = quax.quaxify(fn)(lora)
+        assert tree_allclose(merge(out), fn(merge(lora)))
+
+
+# -- every layer kind, any model library (issue 12.5) ------------------------------------
+
+
+def _every(layer):
+    return True
+
+
+def _nonzero_b(model, key):
+    """Random `b`s, so that the update changes the result."""
+    loras = [x for x in jtu.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    keys = iter(jr.split(key, max(len(loras), 1)))
+    return jtu.tree_map(
+        lambda x: (
+            eqx.tree_at(lambda m: m.b, x, 0.3 * jr.normal(next(keys), x.b.shape))
+            if _is_lora(x)
+            else x
+        ),
+        model,
+        is_leaf=_is_lora,
+    )
+
+
+def _against_merged(model, call, *args, rtol=1e-4, atol=1e-4):
+    """`call(model, *args)` through quaxify equals the merged dense model's, and the
+    adapters' gradients equal those of the merged model (merge is differentiable)."""
+    got = quax.quaxify(call)(model, *args)
+    expected = call(merge(model), *args)
+    assert tree_allclose(got, expected, rtol=rtol, atol=atol)
+    params, static = eqx.partition(model, trainable(model))
+
+    def loss(params, merged):
+        m = eqx.combine(params, static)
+        out = call(merge(m), *args) if merged else quax.quaxify(call)(m, *args)
+        return jnp.sum(jnp.sin(out))
+
+    g = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
+    g_dense = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
+    assert _leaves_allclose(g, g_dense, rtol=rtol, atol=atol)
+    return got
+
+
+def _leaves_allclose(a, b, rtol=1e-5, atol=1e-5):
+    """Leaf by leaf (gradient trees hold `LoraArray`s whose frozen `w` is None)."""
+    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
+    assert len(la) == len(lb) > 0
+    return all(
+        np.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(la, lb, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "dims,kwargs",
+    [
+        (1, dict(stride=2, padding=1)),
+        (2, dict(padding="SAME", dilation=2)),
+        (3, dict(padding=0)),
+    ],
+    ids=["conv1d", "conv2d", "conv3d"],
+)
+def test_equinox_conv_any_dimension(dims, kwargs, getkey):
+    conv = eqx.nn.Conv(dims, 3, 4, 3, key=getkey(), **kwargs)
+    model = _nonzero_b(loraify(conv, rank=2, key=getkey(), where=_every), getkey())
+    assert _is_lora(model.weight) and model.weight.row_ndim == 1  # (out | in, *k)
+    x = jr.normal(getkey(), (3,) + (6,) * dims)
+    _against_merged(model, lambda m, x: m(x), x)
+
+
+def test_conv_traces_to_thin_products(getkey):
+    conv = eqx.nn.Conv2d(8, 16, 3, key=getkey())
+    model = loraify(conv, rank=2, key=getkey(), where=_every)
+    closed = jax.make_jaxpr(quax.quaxify(lambda m, x: m(x)))(model, jnp.ones((8, 7, 7)))
+    shapes = [
+        v.aval.shape
+        for e in _all_eqns(closed.jaxpr)
+        if e.primitive is not lax.stop_gradient_p
+        for v in e.outvars
+    ]
+    assert (16, 8, 3, 3) not in shapes  # the kernel's update is never formed
+    convs = [e for e in _all_eqns(closed.jaxpr) if "conv" in e.primitive.name]
+    assert len(convs) == 2  # conv(x, w) and conv(x, b')
+
+
+def test_conv_input_feature_group_and_declines(getkey):
+    # A kernel laid out (in, out, h, w) with the input features as its own group:
+    # pointwise product first, then the conv with the other adapter.
+    w = jr.normal(getkey(), (3, 4, 3, 3))
+    lora = LoraArray(w, rank=2, key=getkey(), scale=1.0, row_ndim=1, batch_ndim=0)
+    lora = eqx.tree_at(lambda m: m.b, lora, jr.normal(getkey(), (2, 4, 3, 3)))
+    x = jr.normal(getkey(), (2, 3, 6, 6))
+
+    def conv(k, x, groups=1):
+        return lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NCHW", "IOHW", "NCHW"),
+            feature_group_count=groups,
+        )  # fmt: skip
+
+    assert tree_allclose(quax.quaxify(conv)(lora, x), conv(merge(lora), x), atol=1e-4)
+    # Grouped convolutions have no thin factorisation: declined (an error here).
+    with pytest.raises(quax.NoHandlerError, match="conv_general_dilated"):
+        quax.quaxify(lambda k, x: conv(k, x, 3))(
+            LoraArray(jnp.ones((1, 3, 3, 3)), rank=1, key=getkey(), batch_ndim=0), x
+        )
+
+
+def test_equinox_embedding(getkey):
+    emb = eqx.nn.Embedding(10, 4, key=getkey())
+    assert not _is_lora(loraify(emb, rank=2, key=getkey()).weight)  # opt-in
+    model = _nonzero_b(loraify(emb, rank=2, key=getkey(), where=_every), getkey())
+    idx = jnp.array([0, 3, 9, 3])
+    _against_merged(model, lambda m, i: jax.vmap(m)(i), idx)
+
+
+@pytest.mark.parametrize(
+    "mode,fill", [("fill", None), ("fill", 2.5), ("clip", None), (None, None)]
+)
+def test_gather_modes_match_dense(mode, fill, getkey):
+    lora = _nonzero_b(_lora(getkey(), shape=(5, 3)), getkey())
+    idx = jnp.array([[0, 4], [7, -1]])  # out of bounds in both directions
+    fn = lambda w, i: jnp.take(w, i, axis=0, mode=mode, fill_value=fill)
+    got = quax.quaxify(fn)(lora, idx)
+    assert tree_allclose(got, fn(merge(lora), idx))
+
+
+def test_flax_linen_params_dict_by_path(getkey):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(11, 8)(tokens)
+            x = nn.Conv(8, (3,), padding="SAME")(x)  # kernel (3, in, out)
+            x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+            return nn.Dense(3)(x)
+
+    net = Net()
+    tokens = jnp.array([1, 5, 10, 2])
+    params = net.init(getkey(), tokens)
+    model = loraify(params, rank=2, key=getkey(), where=["kernel", "embedding"])
+    loras = [x for x in jtu.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    assert len(loras) == 7  # embed, conv, query, key, value, out, dense
+    model = _nonzero_b(model, getkey())
+    _against_merged(model, lambda p, t: net.apply(p, t), tokens, atol=2e-4)
+
+
+def test_flax_nnx_state_by_path(getkey):
+    from flax import nnx
+
+    mha = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=nnx.Rngs(0)
+    )
+    graphdef, state = nnx.split(mha)
+    model = loraify(state, rank=2, key=getkey(), where=r"(query|value)\.kernel")
+
+    def leaf(x):
+        return jtu.tree_leaves(x, is_leaf=_is_lora)[0]
+
+    assert _is_lora(leaf(model["query"]["kernel"]))
+    assert not _is_lora(leaf(model["key"]["kernel"]))
+    model = _nonzero_b(model, getkey())
+    x = jr.normal(getkey(), (5, 8))
+    _against_merged(model, lambda s, x: nnx.merge(graphdef, s)(x), x)
+
+
+def test_plain_dict_out_in_layout(getkey):
+    params = {"enc": {"w": jr.normal(getkey(), (6, 4, 3))}, "bias": jnp.ones(6)}
+    model = loraify(params, rank=2, key=getkey(), where=["enc.w"], layout="out_in")
+    w = model["enc"]["w"]
+    assert w.a.shape == (6, 2) and w.b.shape == (2, 4, 3)
+    model = _nonzero_b(model, getkey())
+    x = jr.normal(getkey(), (4, 3))
+    _against_merged(
+        model, lambda p, x: jnp.tensordot(p["enc"]["w"], x, 2) + p["bias"], x
+    )
+    with pytest.raises(ValueError, match="layout"):
+        loraify(params, rank=2, key=getkey(), where=["enc.w"], layout=3)
+
+
+def test_equinox_attention_and_adapters_saved_alone(tmp_path, getkey):
+    attn = eqx.nn.MultiheadAttention(2, 8, key=getkey())
+    model = _nonzero_b(loraify(attn, rank=2, key=getkey()), getkey())
+    q = jr.normal(getkey(), (5, 8))
+    _against_merged(model, lambda m, q: m(q, q, q), q)
+    # Save only the adapters; load them into a freshly adapted model.
+    params, _ = eqx.partition(model, trainable(model))
+    path = tmp_path / "adapters.eqx"
+    eqx.tree_serialise_leaves(path, params)
+    fresh = loraify(attn, rank=2, key=getkey())
+    fresh_params, static = eqx.partition(fresh, trainable(fresh))
+    loaded = eqx.combine(eqx.tree_deserialise_leaves(path, fresh_params), static)
+    assert tree_allclose(quax.quaxify(loaded)(q, q, q), quax.quaxify(model)(q, q, q))
+    n_saved = sum(x.size for x in jtu.tree_leaves(params))
+    n_total = sum(x.size for x in jtu.tree_leaves(eqx.filter(model, eqx.is_array)))
+    assert n_saved < n_total / 2

@@ -10,15 +10,32 @@ def test_public_names():
     expected = {
         "ArrayValue",
         "HandlerResultError",
+        "HandlerSignatureError",
         "NoHandlerError",
         "QuaxError",
         "QuaxifyTypeError",
+        "QuaxWarning",
         "Value",
+        "handler",
         "handler_name",
         "handlers",
+        "leaf_shardings",
+        "not_handler",
         "quaxify",
     }
-    optional = {"lora", "zero", "types"}  # subpackages, present once imported
+    # Subpackages, present once imported.
+    optional = {
+        "examples",
+        "lora",
+        "named",
+        "prng",
+        "quantized",
+        "sparse",
+        "structured",
+        "types",
+        "units",
+        "zero",
+    }
     assert expected <= public
     assert public - expected <= optional, public - expected
 

@@ -9,6 +9,7 @@ from builders import (
     BUILDERS,
     LOWRANK_MATERIALISED,
     LowRank,
+    Opaque,
     Ruleless,
     Scaled,
     make_lowrank,
@@ -171,3 +172,59 @@ def test_scan_over_stacked_lora_layers(getkey):
     out = quax.quaxify(_layers)(lora, x)
     dense = weights + lora.a @ lora.b
     assert tree_allclose(out, _layers(dense, x), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_written_into_zero_stays_zero():
+    """`dynamic_update_slice` of a Zero into a Zero is a Zero (issue 13.6), so a
+    buffer of zeros filled with zeros in a loop stays symbolic."""
+    from quax.zero import Zero
+
+    def fill(buf, piece):
+        return jax.lax.fori_loop(
+            0, 3, lambda i, b: jax.lax.dynamic_update_slice(b, piece, (i, 0)), buf
+        )
+
+    out = quax.quaxify(fill)(Zero((3, 4), jnp.float32), Zero((1, 4), jnp.float32))
+    assert isinstance(out, Zero) and out.shape == (3, 4)
+    out = quax.quaxify(fill)(Zero((3, 4), jnp.float32), jnp.ones((1, 4)))
+    assert tree_allclose(out, jnp.ones((3, 4)))
+
+
+# -- a value that refuses to materialise: an error naming the line (issue 8.4) --
+
+
+def _assert_names(err, prim, cls):
+    msg = str(err)
+    assert f"`{prim}`" in msg and cls in msg and "test_scan.py" in msg, msg
+
+
+def test_refusal_as_xs():
+    fn = lambda xs: jax.lax.scan(lambda c, x: (c + 1.0, None), 0.0, xs)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(Opaque(jnp.ones((4, 3))))
+    _assert_names(info.value, "scan", "Opaque")
+
+
+def test_refusal_as_ys():
+    fn = lambda v: jax.lax.scan(lambda c, x: (c, v), 0.0, None, length=3)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(Opaque(jnp.ones(3)))
+    _assert_names(info.value, "scan", "Opaque")
+
+
+def test_refusal_of_a_carry_that_changes_kind():
+    fn = lambda c0: jax.lax.scan(lambda c, x: (jnp.zeros(3), None), c0, None, length=2)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(Opaque(jnp.ones(3)))
+    _assert_names(info.value, "scan", "Opaque")
+
+
+def test_lora_refusal_as_xs(getkey):
+    from quax.lora import LoraArray
+
+    # A single 2-D LoraArray scanned over its rows has no low-rank slicing rule.
+    lora = LoraArray(jnp.ones((4, 3)), rank=1, key=getkey())
+    fn = lambda xs: jax.lax.scan(lambda c, x: (c + x, None), jnp.zeros(3), xs)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(fn)(lora)
+    _assert_names(info.value, "scan", "LoraArray")

@@ -26,7 +26,10 @@ CASES = {
     "rsub": (lambda z, x: x - z, False),
     "mul": (lambda z, x: z * x, True),
     "rmul_scalar": (lambda z, x: 2.0 * z, True),
-    "div": (lambda z, x: z / (x**2 + 1.0), True),
+    "div": (lambda z, x: z / (x**2 + 1.0), False),  # divisor not known: may be 0
+    "div_scalar": (lambda z, x: z / 2.0, True),
+    "div_by_zero": (lambda z, x: z / 0.0, False),  # NaN, as dense
+    "mul_inf": (lambda z, x: z * jnp.inf, False),  # NaN, as dense
     "neg": (lambda z, x: -z, True),
     "dot": (lambda z, x: z @ W, True),
     "rdot": (lambda z, x: x.T @ z, True),
@@ -42,6 +45,16 @@ CASES = {
     "slice": (lambda z, x: z[1:, :2], True),
     "dynamic_slice": (lambda z, x: lax.dynamic_slice(z, (1, 1), (2, 2)), True),
     "gather": (lambda z, x: z[jnp.array([0, 2])], True),
+    "gather_fill_out_of_bounds": (lambda z, x: jnp.take(z, jnp.array([0, 15])), False),
+    "gather_fill_zero": (
+        lambda z, x: jnp.take(z, jnp.array([0, 15]), fill_value=0.0),
+        True,
+    ),
+    "gather_fill_traced": (
+        lambda z, x: jnp.take(z, (x[0] * 9).astype(jnp.int32), axis=1),
+        False,
+    ),
+    "gather_clip": (lambda z, x: jnp.take(z, jnp.array([0, 9]), mode="clip"), True),
     "pad": (lambda z, x: lax.pad(z, 0.0, ((1, 1, 0), (0, 2, 1))), True),
     "pad_nonzero": (lambda z, x: lax.pad(z, 1.0, ((1, 1, 0), (0, 0, 0))), False),
     "concatenate": (lambda z, x: jnp.concatenate([z, z]), True),
@@ -209,3 +222,32 @@ def test_jnp_pad_with_default_zero_stays_zero():
     dense = quax.quaxify(lambda z: jnp.pad(z, 1, constant_values=2.0))(z)
     assert not isinstance(dense, Zero)
     assert jnp.array_equal(dense, jnp.pad(jnp.zeros(3), 1, constant_values=2.0))
+
+
+def test_parameters_honoured_as_dense():
+    """Issue 8.2: a handler honours every parameter of its primitive or declines."""
+    z = Zero((3,), jnp.float32)
+    zeros = jnp.zeros(3)
+    cases = [
+        lambda a: jnp.take(a, jnp.array([0, 5])),  # fill: NaN at the OOB index
+        lambda a: jnp.take(a, jnp.array([-1, 2])),  # fill: -1 is out of bounds
+        lambda a: jnp.take(a, jnp.array([0, 5]), fill_value=-0.0),  # a signed fill
+        lambda a: jnp.take(a, jnp.array([0, 5]), fill_value=7.0),
+        lambda a: a.at[jnp.array([0, 4])].get(mode="fill", fill_value=2.0),
+        lambda a: a / 0.0,
+        lambda a: a / jnp.array([1.0, 0.0, 2.0]),
+        lambda a: a * jnp.nan,
+        lambda a: jnp.array([1.0, jnp.inf, 2.0]) * a,
+        lambda a: a @ jnp.array([1.0, jnp.inf, 2.0]),
+        lambda a: jnp.dot(a, jnp.ones(3), preferred_element_type=jnp.float32),
+        lambda a: 1.0 / lax.pad(a, -0.0, ((1, 0, 0),)),  # padding sign kept
+        lambda a: lax.dot_general(
+            a, jnp.ones((3, 2)), (((0,), (0,)), ((), ())), precision="highest"
+        ),
+    ]
+    for fn in cases:
+        expected = fn(zeros)
+        got = densify(quax.quaxify(fn)(z))
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        assert np.array_equal(np.signbit(got), np.signbit(expected))

@@ -6,6 +6,7 @@
 - `_loops`: `while` (`lax.while_loop`, `fori_loop`), `scan` (`lax.scan`, `lax.map`).
 - `_checkpoint`: `remat2` (`jax.checkpoint`), `closed_call`, `call`.
 - `_callbacks`: `pure_callback`, `io_callback`, `debug_callback`, `debug_print`.
+- `_sharding`: `device_put`, `sharding_constraint`, `shard_map` (`jax.pmap`).
 - `_structural`: `stop_gradient`, `optimization_barrier`, `name` (`checkpoint_name`).
 
 Each module registers itself into `quax._walker.HIGHER_ORDER` when imported.
@@ -18,5 +19,6 @@ from . import (
     _custom_derivatives as _custom_derivatives,
     _jit as _jit,
     _loops as _loops,
+    _sharding as _sharding,
     _structural as _structural,
 )

@@ -14,8 +14,9 @@ from typing import Any
 import jax
 
 from .. import _compat
-from .._walker import TraceCache, register, walk
-from ._common import flatten_operands, leaf_specs, operands_key, unflatten_operands
+from .._strict import STATE
+from .._walker import TraceCache, operands_key, register, walk
+from ._common import flatten_operands, leaf_specs, unflatten_operands
 
 
 #: Walked checkpoint bodies, keyed by (inner jaxpr, operand treedefs and leaf avals).
@@ -26,7 +27,9 @@ REMAT_TRACES = TraceCache(allow_array_consts=True)
 def remat_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     jaxpr = eqn.params["jaxpr"]  # an open jaxpr: closed-over values are operands
     leaves, spec = flatten_operands(invals)
-    key = (jaxpr, operands_key(leaves, spec))
+    key = None  # the walk depends on the strict mode; `quax.explain` walks each time
+    if STATE.recorder is None:
+        key = (jaxpr, operands_key(leaves, spec), STATE.mode)
     entry = REMAT_TRACES.get(key)
     if entry is None:
         box: list[Any] = []

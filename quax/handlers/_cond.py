@@ -1,9 +1,12 @@
-"""`cond`: `lax.cond` and `lax.switch` with values among the branch operands.
+"""`cond`: `lax.cond`, `lax.switch` and `lax.platform_dependent` with values among the
+branch operands.
 
 Every branch is walked on the values. An output that every branch returns as the same
 kind of value (same class, static fields and leaf shapes) stays a value; any other
 output is materialised in every branch, so the branches agree. The result is emitted
-again as one conditional through the public `jax.lax.switch`.
+again as one conditional through the public `jax.lax.switch`, or, for a
+platform-dependent conditional, `jax.lax.platform_dependent` with the same branches for
+the same platforms (so JAX still picks the branch when it lowers the program).
 """
 
 from typing import Any
@@ -11,17 +14,12 @@ from typing import Any
 import jax
 
 from .. import _compat
-from .._dispatch import materialise_all
-from .._walker import bind, register, walk_closed
+from .._walker import register, walk_closed
 from ._common import abstract_call, dense, value_types
 
 
 @register(_compat.cond_p)
 def cond_handler(eqn: Any, invals: list[Any]) -> list[Any]:
-    if eqn.params.get("branches_platforms") is not None:
-        # `lax.platform_dependent`: re-emitting it through `switch` would lower every
-        # branch on every platform. Materialising keeps JAX's own lowering.
-        return bind(eqn, materialise_all(eqn, invals))
     index, *operands = invals
     index = dense(index, eqn, invals)
     branches = eqn.params["branches"]
@@ -33,8 +31,20 @@ def cond_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         for i, kind in enumerate(kinds[0])
     )
     fns = [_walker_of(branch, keep, eqn) for branch in branches]
+    platforms = eqn.params.get("branches_platforms")
     # Runs inside the context `run_eqn` set for `eqn`: the new `cond` keeps its line.
-    return list(jax.lax.switch(index, fns, operands))
+    if platforms is None:
+        return list(jax.lax.switch(index, fns, operands))
+    # The index was computed from the platform (`platform_index`); the new conditional
+    # computes its own from the same branches and platforms.
+    default = None
+    per_platform: dict[str, Any] = {}
+    for fn, names in zip(fns, platforms, strict=True):
+        if names is None:
+            default = fn
+        else:
+            per_platform.update(dict.fromkeys(names, fn))
+    return list(jax.lax.platform_dependent(operands, default=default, **per_platform))
 
 
 def _walker_of(

@@ -14,12 +14,19 @@ import jax.core
 import numpy as np
 
 from .. import _compat
-from .._walker import TraceCache, bind, register, walk_closed
+from .._strict import STATE
+from .._walker import (
+    TraceCache,
+    bind,
+    operands_key,
+    register,
+    static_key,
+    walk_closed,
+)
 from ._common import (
     expand_per_operand,
     flatten_operands,
     leaf_specs,
-    operands_key,
     unflatten_operands,
 )
 
@@ -43,7 +50,10 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     literals = tuple(
         _literal_key(x) if f else None for x, f in zip(invals, folded, strict=True)
     )
-    key = (closed, literals, operands_key(leaves, spec))
+    # The walk depends on the strict mode; `quax.explain` walks every time.
+    key = None
+    if STATE.recorder is None:
+        key = (closed, literals, operands_key(leaves, spec), STATE.mode)
     entry = JIT_TRACES.get(key)
     if entry is None:
         entry = _walk_to_jaxpr(closed, invals, folded, leaves, spec)
@@ -52,9 +62,9 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
             return walk_closed(closed, invals)
         JIT_TRACES.put(key, *entry)
     new_closed, out_spec = entry
-    if not new_closed.jaxpr.eqns:
-        # Nothing left to compute (e.g. every output is a symbolic zero): emit no
-        # empty `jit` shell, just forward.
+    if not new_closed.jaxpr.eqns and _no_placement(eqn.params):
+        # Nothing left to compute (e.g. every output is a symbolic zero) and no
+        # sharding asked of the results: emit no empty `jit` shell, just forward.
         out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
         return unflatten_operands(out_leaves, out_spec)
     params = dict(eqn.params, jaxpr=new_closed)
@@ -69,6 +79,11 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     return unflatten_operands(out_leaves, out_spec)
 
 
+def _no_placement(params: dict[str, Any]) -> bool:
+    shardings = (*params.get("in_shardings", ()), *params.get("out_shardings", ()))
+    return all(_compat.is_unspecified_sharding(s) for s in shardings)
+
+
 def _is_scalar_literal(x: Any) -> bool:
     # Literals are numpy values or Python scalar subclasses, never `jax.Array`s.
     return (
@@ -78,8 +93,10 @@ def _is_scalar_literal(x: Any) -> bool:
 
 
 def _literal_key(x: Any) -> Any:
+    # By bits, type and weak type: `0.0` and `-0.0`, `1` and `True`, or two NaN
+    # payloads fold into different programs.
     aval = jax.typeof(x)
-    return (aval.dtype, getattr(aval, "weak_type", False), np.asarray(x).item())
+    return (static_key(x), aval.dtype, getattr(aval, "weak_type", False))
 
 
 def _walk_to_jaxpr(

@@ -1,14 +1,17 @@
 """`while` (`lax.while_loop`, `fori_loop` with traced bounds) and `scan` (`lax.scan`,
-`lax.map`, `fori_loop` with static bounds) with values as constants, carries and `xs`.
+`lax.map`, `fori_loop` with static bounds) with values as constants, carries, `xs` and
+`ys`.
 
 Values used as loop constants are closed over by the body, so their handlers run in
 every iteration. A carry stays a value only if one iteration returns it as the same
 kind of value (class, static fields, leaf shapes and dtypes); otherwise it is
 materialised on entry and at the end of the body, and the body is walked again until
 nothing changes (a fixed point, reached in at most one pass per carry). A value as
-`xs` is sliced leaf by leaf only if its class opts in with `ArrayValue.scan_leafwise`
-and every leaf has the scanned axis; otherwise it is materialised. Loops are emitted
-again through the public `jax.lax.while_loop` and `jax.lax.scan`.
+`xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
+its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
+returns None is materialised. Scans are emitted again through the public
+`jax.lax.scan`; a `while` is bound again directly, on its walked cond and body traced to
+jaxprs over the leaves, so JAX's own rules apply (vmap with a batched predicate).
 """
 
 from collections.abc import Callable, Sequence
@@ -16,20 +19,36 @@ from typing import Any
 
 import jax
 import jax.core
+import jax.extend.core as jexc
 import jax.tree_util as jtu
 
 from .. import _compat
-from .._errors import _MSG_BUG, HandlerResultError, QuaxBugError, describe_aval
-from .._values import ArrayValue
-from .._walker import register, walk_closed
-from ._common import abstract_call, dense, leaf_type, value_types
+from .._errors import (
+    _MSG_BUG,
+    HandlerResultError,
+    QuaxBugError,
+    describe_aval,
+    format_site,
+)
+from .._values import ArrayValue, aval_of
+from .._walker import bind, register, walk_closed
+from ._common import (
+    abstract_call,
+    dense,
+    flatten_operands,
+    leaf_specs,
+    leaf_type,
+    unflatten_operands,
+    value_types,
+)
 
 
-_MSG_BAD_SLICE = """\
-quax: {cls}.scan_leafwise() returned True, but {what} has aval {got} where `lax.scan` \
-needs {expected}.
-To fix: return False from {cls}.scan_leafwise() (quax then materialises the value), \
-or make slicing (stacking) every leaf along axis 0 slice (stack) the value."""
+_MSG_BAD_STACK = """\
+quax: {cls}.{hook}({length}) {what} at {site}, where `lax.scan` needs {expected}.
+To fix: make {cls}.{hook} agree with {cls}.aval() (the slice at index i is \
+`materialise(v)[i]`; the stack is the per-step values stacked along a new axis 0), \
+or return None from it (False from {cls}.scan_leafwise()) to have quax materialise \
+the value."""
 
 
 @register(_compat.while_p)
@@ -38,22 +57,84 @@ def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
-    carry = invals[n_cond + n_body :]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
 
     def step(carry: list[Any]) -> list[Any]:
         return walk_closed(body_jaxpr, [*body_consts, *carry])
 
+    carry = invals[n_cond + n_body :]
     to_dense = _settle(lambda c: abstract_call(step, c), carry, eqn)
+    carry = _densify_at(carry, to_dense, eqn)
+    cond_leaves, cond_spec = flatten_operands(cond_consts)
+    body_leaves, body_spec = flatten_operands(body_consts)
+    carry_leaves, carry_spec = flatten_operands(carry)
+    n_cc, n_bc = len(cond_leaves), len(body_leaves)
 
-    def cond_fn(carry: list[Any]) -> Any:
-        (pred,) = walk_closed(cond_jaxpr, [*cond_consts, *carry])
+    def cond_fn(*leaves: Any) -> Any:
+        consts = unflatten_operands(leaves[:n_cc], cond_spec)
+        (pred,) = walk_closed(
+            cond_jaxpr, [*consts, *unflatten_operands(leaves[n_cc:], carry_spec)]
+        )
         return dense(pred, eqn, invals)
 
-    def body_fn(carry: list[Any]) -> list[Any]:
-        return _densify_at(step(carry), to_dense, eqn)
+    # Leaves whose weak type the body changes are made strong on both sides, as
+    # `lax.while_loop` does (a carry's leaf types must agree across iterations).
+    strong: frozenset[int] = frozenset()
 
-    return list(jax.lax.while_loop(cond_fn, body_fn, _densify_at(carry, to_dense, eqn)))
+    def body_fn(*leaves: Any) -> list[Any]:
+        consts = unflatten_operands(leaves[:n_bc], body_spec)
+        carry = unflatten_operands(leaves[n_bc:], carry_spec)
+        outs = walk_closed(body_jaxpr, [*consts, *carry])
+        out_leaves, out_spec = flatten_operands(_densify_at(outs, to_dense, eqn))
+        if out_spec != carry_spec:
+            raise QuaxBugError(_MSG_BUG.format(what="while carry types changed"))
+        return [_strong(x) if i in strong else x for i, x in enumerate(out_leaves)]
+
+    body_closed, body_hoisted = _trace(body_fn, [*body_leaves, *carry_leaves])
+    out_weak = [getattr(a, "weak_type", False) for a in body_closed.out_avals]
+    in_weak = [leaf_spec.weak_type for leaf_spec in leaf_specs(carry_leaves)]
+    strong = frozenset(
+        i for i, (a, b) in enumerate(zip(in_weak, out_weak, strict=True)) if a != b
+    )
+    if strong:
+        carry_leaves = [
+            _strong(x) if i in strong else x for i, x in enumerate(carry_leaves)
+        ]
+        body_closed, body_hoisted = _trace(body_fn, [*body_leaves, *carry_leaves])
+    cond_closed, cond_hoisted = _trace(cond_fn, [*cond_leaves, *carry_leaves])
+    # `while` is bound directly (not through `lax.while_loop`), so a loop that vmap
+    # gave a batched predicate (its cond returns an array of bools) keeps JAX's own
+    # rules for it.
+    new_params = dict(
+        params,
+        cond_jaxpr=cond_closed,
+        body_jaxpr=body_closed,
+        cond_nconsts=len(cond_hoisted) + n_cc,
+        body_nconsts=len(body_hoisted) + n_bc,
+    )
+    operands = [
+        *cond_hoisted,
+        *cond_leaves,
+        *body_hoisted,
+        *body_leaves,
+        *carry_leaves,
+    ]
+    return unflatten_operands(bind(eqn, operands, new_params), carry_spec)
+
+
+def _trace(fn: Callable[..., Any], leaves: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """`fn` traced on the types of `leaves` to a jaxpr with no constants (`while`
+    takes its constants as operands), and the constants it closed over."""
+    closed = jax.make_jaxpr(fn)(*leaf_specs(leaves))
+    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
+    return jexc.ClosedJaxpr(jaxpr, ()), list(closed.consts)
+
+
+def _strong(x: Any) -> Any:
+    """`x` with a strong type (a weakly typed leaf becomes an ordinary one)."""
+    if getattr(jax.typeof(x), "weak_type", False):
+        return jax.lax.convert_element_type(x, jax.typeof(x).dtype)
+    return x
 
 
 @register(_compat.scan_p)
@@ -63,31 +144,35 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     consts = invals[:n_consts]
     carry = invals[n_consts : n_consts + n_carry]
     length = params["length"]
-    xs = [
-        x if _slices_leafwise(x, length) else dense(x, eqn, invals)
-        for x in invals[n_consts + n_carry :]
-    ]
+    sliced = [_unstack(x, length, eqn, invals) for x in invals[n_consts + n_carry :]]
+    xs = [arrays for arrays, _ in sliced]
     body = params["jaxpr"]
     n_ys = len(eqn.outvars) - n_carry
     if len(body.jaxpr.outvars) != n_carry + n_ys:
         raise QuaxBugError(_MSG_BUG.format(what="scan body outputs != scan outputs"))
-    stack_ys: list[tuple[bool, ...]] = []
 
     def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
-        x = [_check_slice(s, full) for s, full in zip(x, xs, strict=True)]
+        x = [
+            piece if slicer is None else slicer(piece)
+            for piece, (_, slicer) in zip(x, sliced, strict=True)
+        ]
         outs = walk_closed(body, [*consts, *carry, *x])
-        ys = outs[n_carry:]
-        stack_ys.append(tuple(_opts_in(y) for y in ys))
-        return outs[:n_carry], ys
+        return outs[:n_carry], outs[n_carry:]
 
-    x_specs = [_slice_spec(x) for x in xs]
+    x_specs = [jtu.tree_map(_slice_spec, arrays) for arrays in xs]
     to_dense = _settle(lambda c: abstract_call(step, c, x_specs)[0], carry, eqn)
-    keep_ys = stack_ys[-1] if stack_ys else ()
+    # How each `y` is stacked, from the (last) trace of the body: None for an array.
+    stackers: list[Any] = []
 
     def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
         new_carry, ys = step(carry, x)
-        ys = [y if k else dense(y, eqn, ys) for y, k in zip(ys, keep_ys, strict=True)]
-        return _densify_at(new_carry, to_dense, eqn), ys
+        stackers.clear()
+        out = []
+        for y in ys:
+            arrays, stacker = _stack(y, length, eqn, ys)
+            out.append(arrays)
+            stackers.append(stacker)
+        return _densify_at(new_carry, to_dense, eqn), out
 
     new_carry, ys = jax.lax.scan(
         body_fn,
@@ -97,10 +182,64 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         reverse=params["reverse"],
         unroll=params["unroll"],
     )
-    for y, var in zip(ys, eqn.outvars[n_carry:], strict=True):
-        if isinstance(y, ArrayValue):
-            _check_aval(y, var.aval, "the stacked `ys`")
+    ys = [
+        arrays if stacker is None else stacker(arrays, var.aval)
+        for arrays, stacker, var in zip(
+            ys, stackers, eqn.outvars[n_carry:], strict=True
+        )
+    ]
     return [*new_carry, *ys]
+
+
+def _unstack(x: Any, length: int, eqn: Any, operands: Sequence[Any]) -> Any:
+    """`(arrays, slicer)` for one operand of `xs`: a plain array (a value quax
+    materialises) and None, or the pytree of arrays its `unstack` hook split it into
+    and the function rebuilding the value at one index from their slices."""
+    hook = x.unstack(length) if isinstance(x, ArrayValue) else None
+    if hook is None:
+        return dense(x, eqn, operands), None
+    arrays, rebuild = hook
+    cls = type(x).__name__
+    for leaf in jtu.tree_leaves(arrays):
+        shape, _ = leaf_type(leaf)
+        if not shape or shape[0] != length:
+            raise HandlerResultError(
+                _MSG_BAD_STACK.format(
+                    cls=cls,
+                    hook="unstack",
+                    length=length,
+                    what=f"returned an array of shape {shape}",
+                    site=format_site(eqn.source_info),
+                    expected=f"a leading axis of size {length} on every array",
+                )
+            )
+    aval = aval_of(x)
+    expected = jax.core.ShapedArray(tuple(aval.shape)[1:], aval.dtype)
+
+    def slicer(pieces: Any) -> Any:
+        piece = rebuild(pieces)
+        _check_aval(piece, expected, cls, "unstack", length, eqn)
+        return piece
+
+    return arrays, slicer
+
+
+def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
+    """`(arrays, stacker)` for one `y` of the body: a plain array (a value quax
+    materialises) and None, or the arrays its `stack` hook returned and the function
+    building the stacked value from them, stacked, and checking its aval."""
+    hook = y.stack(length) if isinstance(y, ArrayValue) else None
+    if hook is None:
+        return dense(y, eqn, ys), None
+    arrays, rebuild = hook
+    cls = type(y).__name__
+
+    def stacker(stacked: Any, expected: Any) -> Any:
+        out = rebuild(stacked)
+        _check_aval(out, expected, cls, "stack", length, eqn)
+        return out
+
+    return arrays, stacker
 
 
 def _settle(
@@ -129,46 +268,34 @@ def _densify_at(vals: Sequence[Any], where: frozenset[int], eqn: Any) -> list[An
     return [dense(x, eqn, vals) if i in where else x for i, x in enumerate(vals)]
 
 
-def _slices_leafwise(x: Any, length: int) -> bool:
-    """A value as `xs` is sliced leaf by leaf only if its class opts in and every
-    leaf has the scanned axis."""
-    if not _opts_in(x):
-        return False
-    leaves = jtu.tree_leaves(x)
-    return bool(leaves) and all(
-        len(shape) >= 1 and shape[0] == length
-        for shape, _ in (leaf_type(leaf) for leaf in leaves)
+def _slice_spec(leaf: Any) -> jax.ShapeDtypeStruct:
+    aval = jax.typeof(leaf)
+    return jax.ShapeDtypeStruct(
+        tuple(aval.shape)[1:], aval.dtype, weak_type=getattr(aval, "weak_type", False)
     )
 
 
-def _opts_in(x: Any) -> bool:
-    return isinstance(x, ArrayValue) and bool(x.scan_leafwise())
-
-
-def _slice_spec(x: Any) -> Any:
-    def spec(leaf: Any) -> jax.ShapeDtypeStruct:
-        shape, dtype = leaf_type(leaf)
-        return jax.ShapeDtypeStruct(shape[1:], dtype)
-
-    return jtu.tree_map(spec, x)
-
-
-def _check_slice(piece: Any, full: Any) -> Any:
-    if isinstance(piece, ArrayValue):
-        aval = full.aval()
-        expected = jax.core.ShapedArray(tuple(aval.shape)[1:], aval.dtype)
-        _check_aval(piece, expected, "one slice along axis 0")
-    return piece
-
-
-def _check_aval(x: ArrayValue, expected: Any, what: str) -> None:
-    got = x.aval()
-    if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+def _check_aval(
+    x: Any, expected: Any, cls: str, hook: str, length: int, eqn: Any
+) -> None:
+    got = aval_of(x) if isinstance(x, ArrayValue) else None
+    if got is None or not _same_shape_dtype(got, expected):
+        what = (
+            f"built {describe_aval(got)}"
+            if got is not None
+            else f"built a {type(x).__name__}, not an ArrayValue,"
+        )
         raise HandlerResultError(
-            _MSG_BAD_SLICE.format(
-                cls=type(x).__name__,
+            _MSG_BAD_STACK.format(
+                cls=cls,
+                hook=hook,
+                length=length,
                 what=what,
-                got=describe_aval(got),
+                site=format_site(eqn.source_info),
                 expected=describe_aval(expected),
             )
         )
+
+
+def _same_shape_dtype(a: Any, b: Any) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype

@@ -1,14 +1,21 @@
 """LoRA: a weight `w` plus a trainable low-rank update `a @ b`, never formed densely.
 
-`LoraArray` handles `dot_general` (both sides, any dimension numbers that contract one
-of the matrix axes) as `w·x + a·(b·x)`, and `transpose`, `neg`, `convert_element_type`,
-and multiplication or division by a scalar by keeping the structure. Everything else
-materialises `w + a @ b` if `allow_materialise=True`, and is an error otherwise.
+The weight's axes are `(*batch, *rows, *cols)`; `a` is `(*batch, *rows, rank)` and `b`
+is `(*batch, rank, *cols)`, so a 2-D `Linear` weight has one row and one column axis,
+a conv kernel may group its input and spatial axes, and an embedding table has its
+vocabulary as rows. Products (`dot_general`, `conv_general_dilated`) and lookups
+(`gather`) run as the product with `w` plus thin products with the adapters;
+`transpose`, slicing, `squeeze`, `neg`, `convert_element_type` and scalar `*`/`/` keep
+the structure. Everything else materialises `w + a @ b` if `allow_materialise=True`,
+and is an error otherwise.
+
+`w` may itself be a value (a quantized weight: QLoRA): every operation on `w` is
+dispatched again through `quaxify`, so `w`'s own handlers run.
 """
 
-import re
+import functools as ft
 import typing
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -18,9 +25,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree, Shaped
+import numpy as np
+from jax.sharding import PartitionSpec
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
-from .._values import ArrayValue
+from .._quaxify import quaxify
+from .._values import ArrayValue, Value
 
 
 _MSG_REFUSE_MATERIALISE = """\
@@ -33,27 +43,34 @@ product with the weight."""
 
 
 class LoraArray(ArrayValue):
-    """A matrix `w` (shape `(*batch, n, m)`) adapted by a low-rank update:
-    `w + scaling * a @ b`, with `a` of shape `(*batch, n, rank)` and `b` of shape
-    `(*batch, rank, m)`. The three parts are stored separately; `w` is frozen (its
-    gradient stopped) unless `stop_gradient=False`.
+    """A weight `w` adapted by a low-rank update: `w + scaling * a @ b`.
+
+    `w` has axes `(*batch, *rows, *cols)` (by default one row and one column axis:
+    `(*batch, n, m)`), `a` has shape `(*batch, *rows, rank)` and `b` has shape
+    `(*batch, rank, *cols)`; the update is `a @ b` over the rank axis. The three parts
+    are stored separately; `w` is frozen (its gradient stopped) unless
+    `stop_gradient=False`. `w` may be an array or another value (e.g. a
+    `quax.quantized.QuantizedArray`).
 
     Handles: `dot_general`/`rdot_general` (as `w·x + a·(b·x)`, never forming `a @ b`),
-    `transpose`, `neg`, `convert_element_type` (to floating dtypes), and `mul`/`rmul`/
-    `div` by a scalar. Anything else materialises `w + scaling * a @ b` if
-    `allow_materialise=True`, and raises otherwise.
+    `rconv_general_dilated` (a kernel whose output-feature axis, or input-feature
+    axis, is a group of its own: `conv(x, w) + conv(conv(x, a'), b')`), `gather`
+    (row lookups: embeddings), `dynamic_slice`, `slice`, `squeeze`, `transpose`, `neg`,
+    `convert_element_type` (to floating dtypes), and `mul`/`rmul`/`div` by a scalar.
+    Anything else materialises `w + scaling * a @ b` if `allow_materialise=True`, and
+    raises otherwise.
     """
 
-    w: Shaped[Array, "*batch n m"]
-    a: Shaped[Array, "*batch n rank"]
-    b: Shaped[Array, "*batch rank m"]
+    w: Any
+    a: Shaped[Array, "*dims rank"]
+    b: Shaped[Array, "*dims"]
     scaling: float = eqx.field(static=True)
     frozen: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
 
     def __init__(
         self,
-        weight: Shaped[Array, "*batch n m"],
+        weight: Any,
         *,
         rank: int,
         scale: float = 0.01,
@@ -62,13 +79,16 @@ class LoraArray(ArrayValue):
         key: PRNGKeyArray,
         alpha: float | None = None,
         dtype: Any = None,
+        row_ndim: int = 1,
+        batch_ndim: int | None = None,
     ):
         """**Arguments:**
 
-        - `weight`: the weight to adapt, of shape `(*batch, n, m)`.
+        - `weight`: the weight to adapt (an array, or a value such as a quantized
+            weight), with at least two axes.
         - `rank`: the rank of the update.
         - `scale`: `a` starts as `Normal(0, scale**2)`; `b` starts at zero, so the
-            adapted matrix starts equal to `weight`.
+            adapted weight starts equal to `weight`.
         - `allow_materialise`: if an operation has no low-rank rule, form
             `w + a @ b` densely (`True`) or raise an error (`False`, the default).
         - `stop_gradient`: freeze `weight`: no gradient flows to it.
@@ -77,63 +97,103 @@ class LoraArray(ArrayValue):
             paper and peft); otherwise by 1.
         - `dtype`: the dtype of `a` and `b` (default: that of `weight`), e.g. float32
             adapters on bfloat16 weights.
+        - `row_ndim`: how many axes (after the batch axes) form the rows of the
+            low-rank view; the remaining axes are its columns. Default 1.
+        - `batch_ndim`: how many leading axes are batch axes (a stack of
+            independently adapted weights). Default: every axis before the last
+            `row_ndim + 1`.
         """
-        weight = jnp.asarray(weight)
-        if weight.ndim < 2:
+        if not isinstance(weight, Value):
+            weight = jnp.asarray(weight)
+        shape = _shape(weight)
+        if len(shape) < 2:
             raise ValueError(
                 "`LoraArray` expects `weight` of shape (*batch, n, m), with at least "
-                f"two axes, but got shape {weight.shape}."
+                f"two axes, but got shape {shape}."
             )
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(
                 f"`LoraArray` expects a positive int `rank`, got {rank!r}."
             )
-        *batch, n, m = weight.shape
-        dtype = weight.dtype if dtype is None else jnp.dtype(dtype)
+        if batch_ndim is None:
+            batch_ndim = max(len(shape) - row_ndim - 1, 0)
+        if row_ndim < 0 or batch_ndim < 0 or batch_ndim + row_ndim > len(shape):
+            raise ValueError(
+                f"`LoraArray` got `row_ndim={row_ndim}` and `batch_ndim={batch_ndim}` "
+                f"for a weight of shape {shape}: they must be non-negative and leave "
+                "the remaining axes as columns."
+            )
+        batch = shape[:batch_ndim]
+        rows = shape[batch_ndim : batch_ndim + row_ndim]
+        cols = shape[batch_ndim + row_ndim :]
+        dtype = _dtype(weight) if dtype is None else jnp.dtype(dtype)
         self.w = weight
-        self.a = (jr.normal(key, (*batch, n, rank), dtype=dtype) * scale).astype(dtype)
-        self.b = jnp.zeros((*batch, rank, m), dtype=dtype)
+        self.a = (jr.normal(key, (*batch, *rows, rank), dtype=dtype) * scale).astype(
+            dtype
+        )
+        self.b = jnp.zeros((*batch, rank, *cols), dtype=dtype)
         self.scaling = 1.0 if alpha is None else float(alpha) / rank
         self.frozen = stop_gradient
         self.allow_materialise = allow_materialise
 
     def __check_init__(self):
         w_shape, a_shape, b_shape = _shape(self.w), _shape(self.a), _shape(self.b)
-        if len(w_shape) < 2:
+        nb = len(a_shape) + len(b_shape) - len(w_shape) - 2
+        nr = len(a_shape) - 1 - nb
+        ok = len(w_shape) >= 1 and nb >= 0 and nr >= 0 and len(b_shape) - 1 - nb >= 0
+        if ok:
+            batch, rows, cols = w_shape[:nb], w_shape[nb : nb + nr], w_shape[nb + nr :]
+            rank = a_shape[-1]
+            ok = a_shape == (*batch, *rows, rank) and b_shape == (*batch, rank, *cols)
+        if not ok:
             raise ValueError(
-                f"`LoraArray.w` must have shape (*batch, n, m), got shape {w_shape}."
-            )
-        *batch, n, m = w_shape
-        if len(a_shape) != len(w_shape) or tuple(a_shape[:-1]) != (*batch, n):
-            raise ValueError(
-                f"`LoraArray.a` must have shape {(*batch, n, 'rank')} to match `w` of "
-                f"shape {w_shape}, got shape {a_shape}."
-            )
-        rank = a_shape[-1]
-        if tuple(b_shape) != (*batch, rank, m):
-            raise ValueError(
-                f"`LoraArray.b` must have shape {(*batch, rank, m)} to match `w` of "
-                f"shape {w_shape} and `a` of shape {a_shape}, got shape {b_shape}."
+                "`LoraArray` parts must have shapes `w: (*batch, *rows, *cols)`, "
+                "`a: (*batch, *rows, rank)` and `b: (*batch, rank, *cols)`; got "
+                f"`w` {w_shape}, `a` {a_shape} and `b` {b_shape}."
             )
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
 
-    def aval(self) -> jax.core.ShapedArray:
-        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+    @property
+    def batch_ndim(self) -> int:
+        """The number of leading batch axes."""
+        return self.a.ndim + self.b.ndim - len(_shape(self.w)) - 2
 
-    def materialise(self) -> Shaped[Array, "*batch n m"]:
+    @property
+    def row_ndim(self) -> int:
+        """The number of row axes (after the batch axes)."""
+        return self.a.ndim - 1 - self.batch_ndim
+
+    def aval(self) -> jax.core.ShapedArray:
+        return jax.core.ShapedArray(_shape(self.w), self.w.dtype)
+
+    def leaf_specs(self, spec: PartitionSpec) -> "LoraArray":
+        """`w` is placed as asked; `a` follows `w`'s batch and row axes and `b` its
+        batch and column axes, the rank axis replicated: each shard of `w + a @ b` is
+        then computed from local shards alone."""
+        nb, nr = self.batch_ndim, self.row_ndim
+        full = (*spec, *[None] * (len(_shape(self.w)) - len(spec)))
+        batch, rows, cols = full[:nb], full[nb : nb + nr], full[nb + nr :]
+        w = self.w.leaf_specs(spec) if isinstance(self.w, ArrayValue) else spec
+        a = PartitionSpec(*batch, *rows, None)
+        b = PartitionSpec(*batch, None, *cols)
+        return eqx.tree_at(lambda x: (x.w, x.a, x.b), self, (w, a, b))
+
+    def materialise(self) -> Shaped[Array, "..."]:
         if not self.allow_materialise:
-            raise RuntimeError(_MSG_REFUSE_MATERIALISE.format(shape=self.w.shape))
+            raise RuntimeError(_MSG_REFUSE_MATERIALISE.format(shape=_shape(self.w)))
         return self._dense(frozen=self.frozen)
 
-    def _dense(self, *, frozen: bool) -> Shaped[Array, "*batch n m"]:
+    def _dense(self, *, frozen: bool) -> Shaped[Array, "..."]:
+        """`w + scaling * a @ b` as a plain array (used by `merge` and `materialise`)."""
         w = lax.stop_gradient(self.w) if frozen else self.w
-        update = jnp.matmul(self.a, self.b)
+        update = _update(self.a, self.b, self.batch_ndim)
         if self.scaling != 1.0:
             update = update * jnp.asarray(self.scaling, update.dtype)
-        return w + update.astype(w.dtype)
+        w_dtype = self.w.dtype
+        return _bind(lax.add_p, w, lax.convert_element_type(update, w_dtype))
 
     def scan_leafwise(self) -> bool:
         """A stack of adapted matrices (`w` of shape `(layers, ..., n, m)`) is scanned
@@ -141,198 +201,250 @@ class LoraArray(ArrayValue):
         single matrix (whose `b` has no layer axis) never is."""
         return self.w.ndim >= 3
 
-    # -- linear algebra --
+    def stack(self, length: int):
+        """Adapted matrices from every step of a scan stack leaf by leaf into one
+        `LoraArray` with a leading axis (`w`, `a` and `b` each stacked), also when
+        each step's matrix is 2-D."""
+        leaves, treedef = jtu.tree_flatten(self)
+        return leaves, ft.partial(jtu.tree_unflatten, treedef)
+
+    # -- products --
 
     def dot_general(self, other: ArrayLike, /, *, dimension_numbers, **params):
-        """`(w + a b)·x` as `w·x + a·(b·x)` (or `(a·x)·b` when `n` is contracted);
-        declines when neither matrix axis is contracted."""
+        """`(w + a b)·x` as `w·x + a·(b·x)` (or `(a·x)·b` when only rows are
+        contracted); declines when neither rows nor columns are contracted."""
+        if _unknown(params, _DOT_PARAMS):
+            return NotImplemented
         return _lora_dot(self, other, dimension_numbers, params, lora_is_lhs=True)
 
     def rdot_general(self, other: ArrayLike, /, *, dimension_numbers, **params):
         """`x·(w + a b)`: self is operand 1 here."""
+        if _unknown(params, _DOT_PARAMS):
+            return NotImplemented
         return _lora_dot(self, other, dimension_numbers, params, lora_is_lhs=False)
 
-    # -- shape --
+    def rconv_general_dilated(self, lhs: ArrayLike, /, **params):
+        """`conv(x, w + a b)` (self is the kernel) as `conv(x, w)` plus a convolution
+        with the adapter holding the input-feature and spatial axes and a pointwise
+        product with the one holding the output features (or the other way round);
+        declines grouped convolutions and kernels whose groups mix both features."""
+        # Imported here: `_lora_layers` imports this module's helpers.
+        from ._lora_layers import lora_conv
+
+        return lora_conv(self, typing.cast(Array, lhs), params)
+
+    # -- indexing and shape --
+
+    def gather(self, indices: ArrayLike, /, *, dimension_numbers, **params):
+        """A lookup of rows (an embedding): `w[i] + a[i] @ b`, a plain array; declines
+        gathers that index columns or batch axes."""
+        from ._lora_layers import lora_gather
+
+        return lora_gather(self, typing.cast(Array, indices), dimension_numbers, params)
+
+    def dynamic_slice(self, *starts: ArrayLike, slice_sizes, **params):
+        """Slices `w`, `a` (batch and rows) and `b` (batch and columns) alike."""
+        if params:
+            return NotImplemented
+        starts_ = [typing.cast(Array, s) for s in starts]
+        nb, nr = self.batch_ndim, self.row_ndim
+        zero = jnp.zeros((), starts_[0].dtype) if starts_ else 0
+        sizes = tuple(slice_sizes)
+        w = _bind(lax.dynamic_slice_p, self.w, *starts_, slice_sizes=sizes)
+        a = lax.dynamic_slice(
+            self.a, [*starts_[: nb + nr], zero], (*sizes[: nb + nr], self.rank)
+        )
+        b = lax.dynamic_slice(
+            self.b,
+            [*starts_[:nb], zero, *starts_[nb + nr :]],
+            (*sizes[:nb], self.rank, *sizes[nb + nr :]),
+        )
+        return _replace(self, w, a, b)
+
+    def slice(self, /, *, start_indices, limit_indices, strides, **params):
+        """Slices `w`, `a` (batch and rows) and `b` (batch and columns) alike."""
+        if params:
+            return NotImplemented
+        nb, nr, r = self.batch_ndim, self.row_ndim, self.rank
+        starts, limits = tuple(start_indices), tuple(limit_indices)
+        steps = (1,) * len(starts) if strides is None else tuple(strides)
+        w = _bind(
+            lax.slice_p,
+            self.w,
+            start_indices=starts,
+            limit_indices=limits,
+            strides=strides,
+        )
+        a = lax.slice(
+            self.a,
+            (*starts[: nb + nr], 0),
+            (*limits[: nb + nr], r),
+            (*steps[: nb + nr], 1),
+        )
+        b = lax.slice(
+            self.b,
+            (*starts[:nb], 0, *starts[nb + nr :]),
+            (*limits[:nb], r, *limits[nb + nr :]),
+            (*steps[:nb], 1, *steps[nb + nr :]),
+        )
+        return _replace(self, w, a, b)
+
+    def squeeze(self, /, *, dimensions, **params):
+        """Drops unit axes from the parts; if the rows or the columns are all
+        dropped (an embedding row), the result is the plain array `w + a @ b`, of
+        the squeezed size."""
+        if params:
+            return NotImplemented
+        nb, nr = self.batch_ndim, self.row_ndim
+        dims = set(int(d) for d in dimensions)
+        w = _bind(lax.squeeze_p, self.w, dimensions=tuple(sorted(dims)))
+        a_dims = tuple(d for d in sorted(dims) if d < nb + nr)
+        b_dims = tuple(d for d in sorted(dims) if d < nb)
+        b_dims += tuple(d - nr + 1 for d in sorted(dims) if d >= nb + nr)
+        a, b = lax.squeeze(self.a, a_dims), lax.squeeze(self.b, b_dims)
+        out = _replace(self, w, a, b)
+        new_nb = nb - sum(d < nb for d in dims)
+        if a.ndim - new_nb > 1 and b.ndim - new_nb > 1:
+            return out
+        return out._dense(frozen=self.frozen)
 
     def transpose(self, /, *, permutation, **params):
-        """Permutes the batch axes and may swap the matrix axes (`w.T = w.T + b.T a.T`);
-        declines permutations that mix batch and matrix axes."""
-        k = self.w.ndim
+        """Permutes the batch axes among themselves and the rows and columns within
+        their groups, and may swap the two groups (`(a b)^T = b^T a^T`); declines
+        permutations that mix groups."""
+        nb, nr, k = self.batch_ndim, self.row_ndim, len(_shape(self.w))
         perm = tuple(int(p) for p in permutation)
-        if set(perm[-2:]) != {k - 2, k - 1}:
+        if params:
             return NotImplemented
-        w = lax.transpose(self.w, perm)
-        if perm[-2:] == (k - 2, k - 1):
-            return _replace(
-                self, w, lax.transpose(self.a, perm), lax.transpose(self.b, perm)
-            )
-        return _replace(
-            self, w, lax.transpose(self.b, perm), lax.transpose(self.a, perm)
-        )
+        batch, rest = perm[:nb], perm[nb:]
+        rows, cols = set(range(nb, nb + nr)), set(range(nb + nr, k))
+        if set(batch) != set(range(nb)):
+            return NotImplemented
+        w = _bind(lax.transpose_p, self.w, permutation=perm)
+        if set(rest[:nr]) == rows:  # groups keep their order
+            a = lax.transpose(self.a, (*batch, *rest[:nr], nb + nr))
+            b_perm = (*batch, nb, *(p - nr + 1 for p in rest[nr:]))
+            return _replace(self, w, a, lax.transpose(self.b, b_perm))
+        nc = k - nb - nr
+        if set(rest[:nc]) == cols:  # columns first: the new a is b transposed
+            a = lax.transpose(self.b, (*batch, *(p - nr + 1 for p in rest[:nc]), nb))
+            b = lax.transpose(self.a, (*batch, nb + nr, *rest[nc:]))
+            return _replace(self, w, a, b)
+        return NotImplemented
 
     # -- elementwise --
 
     def neg(self, /, **params):
-        return _replace(self, -self.w, -self.a, self.b)
+        if params:
+            return NotImplemented
+        return _replace(self, _bind(lax.neg_p, self.w), -self.a, self.b)
 
-    def mul(self, other: ArrayLike, /, **params):
-        """`c * (w + a b) = c w + (c a) b` for a scalar `c`; declines arrays."""
-        if jnp.shape(other) != ():
+    def mul(self, other: ArrayLike, /, *, out_dtype=None, **params):
+        """`c * (w + a b) = c w + (c a) b` for a scalar `c`; declines arrays and a
+        known non-finite `c` (`inf * (w + a b)` is not `inf * w + (inf * a) b` where
+        `a b` has zeros). A traced `c` is assumed finite."""
+        c = typing.cast(Array, other)
+        if params or (out_dtype is not None and out_dtype != self.dtype):
+            return NotImplemented
+        if jnp.shape(c) != () or _known(c, lambda v: not np.isfinite(v)):
             return NotImplemented
         # The frozen weight is scaled after its gradient is stopped, so the gradient
         # still reaches `c` (and never `w`): the result holds no frozen weight.
-        return _replace(
-            self,
-            _frozen(self) * _cast(other, self.w.dtype),
-            self.a * _cast(other, self.a.dtype),
-            self.b,
-            frozen=False,
-        )
+        w = _bind(lax.mul_p, _frozen(self), _cast(c, self.w.dtype), out_dtype=None)
+        a = self.a * _cast(c, self.a.dtype)
+        return _replace(self, w, a, self.b, frozen=False)
 
     rmul = mul
 
     def div(self, other: ArrayLike, /, **params):
-        if jnp.shape(other) != ():
+        """`(w + a b) / c = w / c + (a / c) b` for a scalar `c`; declines arrays and a
+        known zero `c`. A traced `c` is assumed non-zero."""
+        c = typing.cast(Array, other)
+        if params or jnp.shape(c) != () or _known(c, lambda v: v == 0):
             return NotImplemented
-        return _replace(
-            self,
-            _frozen(self) / _cast(other, self.w.dtype),
-            self.a / _cast(other, self.a.dtype),
-            self.b,
-            frozen=False,
-        )
+        w = _bind(lax.div_p, _frozen(self), _cast(c, self.w.dtype))
+        a = self.a / _cast(c, self.a.dtype)
+        return _replace(self, w, a, self.b, frozen=False)
 
-    def convert_element_type(self, /, *, new_dtype, **params):
-        """Converts `w`; the adapters keep their own (floating) dtype."""
+    def convert_element_type(self, /, *, new_dtype, weak_type, sharding, **params):
+        """Converts `w`; the adapters keep their own (floating) dtype. Declines
+        non-floating dtypes, weak results and shardings."""
+        if params or weak_type or sharding is not None:
+            return NotImplemented
         if not jnp.issubdtype(new_dtype, jnp.floating):
             return NotImplemented
-        return _replace(
-            self, lax.convert_element_type(self.w, new_dtype), self.a, self.b
+        w = _bind(
+            lax.convert_element_type_p,
+            self.w,
+            new_dtype=new_dtype,
+            weak_type=False,
+            sharding=None,
         )
+        return _replace(self, w, self.a, self.b)
+
+    # -- derivatives (ArrayValue.pushforward/pullback): low rank, never `w + a @ b` --
+
+    def pushforward(self, tangent: "LoraArray") -> Array:
+        """`dw + s (da b + a db)` (`dw` dropped when `w` is frozen)."""
+        update = jnp.matmul(tangent.a, self.b) + jnp.matmul(self.a, tangent.b)
+        if self.scaling != 1.0:
+            update = update * jnp.asarray(self.scaling, update.dtype)
+        update = update.astype(self.w.dtype)
+        return update if self.frozen else tangent.w + update
+
+    def pullback(self, cotangent: Array) -> "LoraArray":
+        """`(ct, s ct bᵀ, s aᵀ ct)`, with no cotangent for a frozen `w`."""
+        ct = cotangent.astype(self.a.dtype)
+        if self.scaling != 1.0:
+            ct = ct * jnp.asarray(self.scaling, ct.dtype)
+        ct_a = jnp.matmul(ct, jnp.swapaxes(self.b, -1, -2))
+        ct_b = jnp.matmul(jnp.swapaxes(self.a, -1, -2), ct)
+        ct_w = None if self.frozen else cotangent
+        return jtu.tree_unflatten(jtu.tree_structure(self), [ct_w, ct_a, ct_b])
 
 
-# -- public functions ---------------------------------------------------------------
+# -- helpers shared with `_lora_conv` ---------------------------------------------------
 
 
-def is_lora(x: Any) -> bool:
-    return isinstance(x, LoraArray)
+def _bind(prim: Any, *operands: Any, **params: Any) -> Any:
+    """`prim.bind(*operands, **params)`, dispatched again through `quaxify` when an
+    operand (the frozen weight) is itself a value, so its own handlers run."""
+    if any(isinstance(x, Value) for x in operands):
+        return quaxify(prim.bind)(*operands, **params)
+    return prim.bind(*operands, **params)
 
 
-def _is_linear(x: Any) -> bool:
-    return isinstance(x, eqx.nn.Linear)
-
-
-def loraify(
-    model: PyTree,
-    *,
-    rank: int,
-    scale: float = 0.01,
-    allow_materialise: bool = False,
-    stop_gradient: bool = True,
-    key: PRNGKeyArray,
-    where: Callable[[eqx.nn.Linear], bool] | str | Sequence[str] | None = None,
-    alpha: float | None = None,
-    dtype: Any = None,
-) -> PyTree:
-    """Replace the weight of every `eqx.nn.Linear` in `model` (anywhere in the pytree,
-    including inside `eqx.nn.MultiheadAttention`) by a `LoraArray`.
-
-    **Arguments:**
-
-    - `model`: any pytree, typically an equinox Module.
-    - `rank`, `scale`, `allow_materialise`, `stop_gradient`, `alpha`, `dtype`: as for
-        `LoraArray`.
-    - `key`: a JAX PRNG key; each adapted layer gets its own subkey.
-    - `where`: which layers to adapt (default: every `Linear`). Either a predicate on
-        the `eqx.nn.Linear` layer; or, as peft's `target_modules`, a string (a regular
-        expression that must match the layer's whole path, e.g.
-        `r".*attn\\.(query|value)_proj"`) or a list of strings (a layer is adapted if
-        its path equals one of them or ends with `"." + name`). Paths are written
-        as in PyTorch: `"blocks.0.attn.query_proj"`.
-
-    **Returns:**
-
-    A copy of `model` whose selected linear weights are `LoraArray`s. Call it through
-    `quax.quaxify(model)(...)`; train only the adapters with
-    `eqx.partition(model, quax.lora.trainable(model))`.
-    """
-    select = _selector(where)
-    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_linear)
-    chosen = [
-        i
-        for i, (path, leaf) in enumerate(flat)
-        if _is_linear(leaf)
-        and not is_lora(leaf.weight)
-        and select(_path_str(path), leaf)
-    ]
-    keys = jr.split(key, max(len(chosen), 1))
-    leaves = [leaf for _, leaf in flat]
-    for i, subkey in zip(chosen, keys, strict=False):
-        layer = leaves[i]
-        weight = LoraArray(
-            layer.weight,
-            rank=rank,
-            scale=scale,
-            allow_materialise=allow_materialise,
-            stop_gradient=stop_gradient,
-            key=subkey,
-            alpha=alpha,
-            dtype=dtype,
-        )
-        leaves[i] = eqx.tree_at(lambda layer: layer.weight, layer, weight)
-    return jtu.tree_unflatten(treedef, leaves)
-
-
-def merge(model: PyTree) -> PyTree:
-    """Replace every `LoraArray` in `model` by the dense array `w + scaling * a @ b`,
-    for deployment without quax.
-
-    **Returns:**
-
-    A copy of `model` with plain arrays in place of `LoraArray`s.
-    """
-    return jtu.tree_map(
-        lambda x: x._dense(frozen=False) if is_lora(x) else x, model, is_leaf=is_lora
+def _update(a: Array, b: Array, batch_ndim: int) -> Array:
+    """`a @ b` over the rank axis: shape `(*batch, *rows, *cols)`."""
+    nb = batch_ndim
+    return lax.dot_general(
+        a, b, (((a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
     )
 
 
-def trainable(model: PyTree) -> PyTree:
-    """A filter selecting exactly the adapter parameters (`a` and `b` of each
-    `LoraArray`) of `model`: a pytree of bools, for `eqx.partition` and
-    `optax.masked`.
+_DOT_PARAMS = frozenset({"precision", "preferred_element_type", "out_sharding"})
 
-    **Returns:**
 
-    A pytree with the structure of `model`: `True` at every `LoraArray`'s `a` and `b`,
-    `False` everywhere else (including `w`).
+def _unknown(params: dict[str, Any], known: frozenset[str]) -> bool:
+    """Whether `params` holds a parameter this module does not know how to honour
+    (a newer JAX's): the handler then declines rather than ignore it."""
+    return not known.issuperset(params)
 
-    !!! Example
 
-        ```python
-        params, static = eqx.partition(model, quax.lora.trainable(model))
-        ```
-    """
-
-    def spec(x: Any) -> Any:
-        if is_lora(x):
-            return eqx.tree_at(
-                lambda lora: (lora.w, lora.a, lora.b), x, (False, True, True)
-            )
+def _known(x: Array, test: Any) -> bool:
+    """Whether the scalar `x` is concrete and `test(value)` holds."""
+    if isinstance(x, jax.core.Tracer):
         return False
-
-    return jtu.tree_map(spec, model, is_leaf=is_lora)
-
-
-# -- private helpers ------------------------------------------------------------------
+    return bool(test(np.asarray(x)))
 
 
-def _frozen(lora: LoraArray) -> Array:
+def _frozen(lora: LoraArray) -> Any:
     """`w`, with its gradient stopped if it is frozen."""
     return lax.stop_gradient(lora.w) if lora.frozen else lora.w
 
 
 def _replace(
-    lora: LoraArray, w: Array, a: Array, b: Array, *, frozen: bool | None = None
+    lora: LoraArray, w: Any, a: Array, b: Array, *, frozen: bool | None = None
 ) -> LoraArray:
     """A `LoraArray` with new parts and the same static settings (`frozen` may be
     changed), built without `__init__`, which makes new adapters."""
@@ -350,39 +462,44 @@ def _replace(
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(jnp.shape(x))
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _dtype(x: Any) -> Any:
+    return getattr(x, "dtype", None) or jnp.result_type(x)
 
 
 def _cast(x: ArrayLike, dtype: Any) -> Array:
     return lax.convert_element_type(x, dtype)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return jtu.keystr(tuple(path), simple=True, separator=".")
+def _precisions(precision: Any, lora_is_lhs: bool) -> tuple[Any, Any]:
+    """`(lora side, other side)` of a `dot_general` or conv `precision` parameter
+    (None or a pair; a dot algorithm is declined before this is called)."""
+    if precision is None:
+        return None, None
+    return (precision[0], precision[1]) if lora_is_lhs else (precision[1], precision[0])
 
 
-def _selector(where: Any) -> Callable[[str, Any], bool]:
-    if where is None:
-        return lambda path, layer: True
-    if isinstance(where, str):
-        pattern = re.compile(where)
-        return lambda path, layer: pattern.fullmatch(path) is not None
-    if isinstance(where, Sequence):
-        names = tuple(where)
-        if not all(isinstance(n, str) for n in names):
-            raise TypeError(
-                "`loraify(where=...)` takes a predicate on the layer, a regular "
-                f"expression, or a list of path names; got {where!r}."
-            )
-        return lambda path, layer: any(
-            path == n or path.endswith("." + n) for n in names
-        )
-    if callable(where):
-        return lambda path, layer: bool(where(layer))
-    raise TypeError(
-        "`loraify(where=...)` takes a predicate on the layer, a regular expression, or "
-        f"a list of path names; got {where!r} of type {type(where).__name__}."
-    )
+def _pair(first: Any, second: Any) -> Any:
+    """A `precision` argument for an adapter product from its operands' sides."""
+    return None if first is None and second is None else (first, second)
+
+
+def _declines_precision(precision: Any) -> bool:
+    """A dot algorithm (not a per-operand pair) fixes the operand dtypes, which the
+    adapter products do not share: decline it."""
+    return precision is not None and not isinstance(precision, tuple)
+
+
+def _update_dtype(lora: LoraArray, x: Array, preferred: Any) -> Any:
+    """The dtype the adapter products run in: that of `a` and `x` promoted, and
+    the requested accumulation dtype if there is one."""
+    dtype = jnp.promote_types(lora.a.dtype, x.dtype)
+    return dtype if preferred is None else jnp.promote_types(dtype, preferred)
+
+
+# -- dot_general ------------------------------------------------------------------------
 
 
 Label = Hashable
@@ -396,27 +513,33 @@ def _lora_dot(
     *,
     lora_is_lhs: bool,
 ) -> Any:
-    """`dot_general` with `lora` on one side, as a dense product with `w` plus two
-    thin products with the adapters, contracting `x` against the adapter on the side
-    of a contracted matrix axis first."""
+    """`dot_general` with `lora` on one side, as a product with `w` plus two thin
+    products with the adapters, contracting `x` against the adapter on the side of a
+    contracted column (else row) axis first."""
+    preferred = params.get("preferred_element_type")
+    if params.get("out_sharding") is not None:
+        return NotImplemented
+    if preferred is not None and not jnp.issubdtype(preferred, jnp.inexact):
+        return NotImplemented
+    if _declines_precision(params.get("precision")):
+        return NotImplemented
     ((lhs_c, rhs_c), (lhs_b, rhs_b)) = dimension_numbers
     if lora_is_lhs:
         lora_c, x_c, lora_b, x_b = lhs_c, rhs_c, lhs_b, rhs_b
     else:
         lora_c, x_c, lora_b, x_b = rhs_c, lhs_c, rhs_b, lhs_b
-    k = lora.w.ndim
-    if k == 2 and not lora_b and len(lora_c) == 1:
-        x = typing.cast(Array, other)  # handlers receive JAX arrays (see _dispatch)
+    x = typing.cast(Array, other)  # handlers receive JAX arrays (see _dispatch)
+    nb, nr, k = lora.batch_ndim, lora.row_ndim, len(_shape(lora.w))
+    if lora.a.ndim == 2 and lora.b.ndim == 2 and not lora_b and len(lora_c) == 1:
         return _lora_dot_2d(lora, x, lora_c[0], x_c[0], params, lora_is_lhs)
-    n_axis, m_axis = k - 2, k - 1
-    if m_axis in lora_c:
+    rows, cols = range(nb, nb + nr), range(nb + nr, k)
+    if any(i in lora_c for i in cols):
         first, second = "b", "a"
-    elif n_axis in lora_c:
+    elif any(i in lora_c for i in rows):
         first, second = "a", "b"
     else:
-        return NotImplemented  # no matrix axis contracted: the update would be formed
+        return NotImplemented  # no row or column contracted: the update is formed
 
-    x = jnp.asarray(other)
     # One label per axis; paired axes share the lora side's label.
     lora_labels: list[Label] = [("lora", i) for i in range(k)]
     x_labels: list[Label] = [("x", j) for j in range(x.ndim)]
@@ -429,28 +552,33 @@ def _lora_dot(
 
     rank_label: Label = ("rank",)
     labels = {
-        "a": lora_labels[:m_axis] + [rank_label],
-        "b": lora_labels[:n_axis] + [rank_label, lora_labels[m_axis]],
+        "a": lora_labels[: nb + nr] + [rank_label],
+        "b": lora_labels[:nb] + [rank_label] + lora_labels[nb + nr :],
     }
     lhs, rhs = (_frozen(lora), x) if lora_is_lhs else (x, _frozen(lora))
-    dense = lax.dot_general_p.bind(
-        lhs, rhs, dimension_numbers=dimension_numbers, **params
+    dense = _bind(
+        lax.dot_general_p, lhs, rhs, dimension_numbers=dimension_numbers, **params
     )
 
-    dtype = jnp.promote_types(lora.a.dtype, x.dtype)
-    adapters = {"a": lora.a.astype(dtype), "b": lora.b.astype(dtype)}
-    precision = params.get("precision")
+    dtype = _update_dtype(lora, x, preferred)
+    adapters = {"a": _cast(lora.a, dtype), "b": _cast(lora.b, dtype)}
+    p_lora, p_x = _precisions(params.get("precision"), lora_is_lhs)
     keep = set(out_labels) | set(labels[second])
     t_labels = [lab for lab in _unique(labels[first] + x_labels) if lab in keep]
     t = _contract(
-        adapters[first], labels[first], x.astype(dtype), x_labels, t_labels, precision
+        adapters[first],
+        labels[first],
+        _cast(x, dtype),
+        x_labels,
+        t_labels,
+        _pair(p_lora, p_x),
     )
     if lora.scaling != 1.0:
         t = t * jnp.asarray(lora.scaling, t.dtype)
     update = _contract(
-        adapters[second], labels[second], t, t_labels, out_labels, precision
+        adapters[second], labels[second], t, t_labels, out_labels, _pair(p_lora, p_x)
     )
-    return dense + update.astype(dense.dtype)
+    return dense + _cast(update, dense.dtype)
 
 
 def _lora_dot_2d(
@@ -467,21 +595,21 @@ def _lora_dot_2d(
     w = _frozen(lora)
     lhs, rhs = (w, x) if lora_is_lhs else (x, w)
     contract = ((lora_axis,), (x_axis,)) if lora_is_lhs else ((x_axis,), (lora_axis,))
-    dense = lax.dot_general_p.bind(
-        lhs, rhs, dimension_numbers=(contract, ((), ())), **params
+    dense = _bind(
+        lax.dot_general_p, lhs, rhs, dimension_numbers=(contract, ((), ())), **params
     )
-    dtype = jnp.promote_types(lora.a.dtype, x.dtype)
-    precision = params.get("precision")
-    x = lax.convert_element_type(x, dtype)
-    a = lax.convert_element_type(lora.a, dtype)
-    b = lax.convert_element_type(lora.b, dtype)
+    dtype = _update_dtype(lora, x, params.get("preferred_element_type"))
+    p_lora, p_x = _precisions(params.get("precision"), lora_is_lhs)
+    x = _cast(x, dtype)
+    a = _cast(lora.a, dtype)
+    b = _cast(lora.b, dtype)
     # `first` meets x; `second` then meets the rank axis of the thin product.
     if lora_axis == 1:  # m contracted: (b x), then a
         first, first_axis, second, second_axis = b, 1, a, 1
     else:  # n contracted: (a x), then b
         first, first_axis, second, second_axis = a, 0, b, 0
 
-    def dot(u, v, cu, cv):
+    def dot(u, v, cu, cv, precision):
         return lax.dot_general(
             u,
             v,
@@ -491,14 +619,14 @@ def _lora_dot_2d(
         )
 
     if lora_is_lhs:
-        t = dot(first, x, first_axis, x_axis)  # (rank, *x_free)
-        update = dot(second, t, second_axis, 0)  # (lora_free, *x_free)
+        t = dot(first, x, first_axis, x_axis, _pair(p_lora, p_x))  # (rank, *x_free)
+        update = dot(second, t, second_axis, 0, _pair(p_lora, p_x))
     else:
-        t = dot(x, first, x_axis, first_axis)  # (*x_free, rank)
-        update = dot(t, second, t.ndim - 1, second_axis)  # (*x_free, lora_free)
+        t = dot(x, first, x_axis, first_axis, _pair(p_x, p_lora))  # (*x_free, rank)
+        update = dot(t, second, t.ndim - 1, second_axis, _pair(p_x, p_lora))
     if lora.scaling != 1.0:
         update = update * jnp.asarray(lora.scaling, update.dtype)
-    return dense + lax.convert_element_type(update, dense.dtype)
+    return dense + _cast(update, dense.dtype)
 
 
 def _unique(labels: Sequence[Label]) -> list[Label]:

@@ -20,6 +20,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._values import ArrayValue, Value, handler_name
+from .._walker import static_key
 
 
 def _keeps_zero(prim: jexc.Primitive, *, nonempty: bool = False) -> Callable[..., Any]:
@@ -29,7 +30,7 @@ def _keeps_zero(prim: jexc.Primitive, *, nonempty: bool = False) -> Callable[...
     `-inf`). Defined before the class, whose body is the table of these handlers."""
 
     def handler(self: "Zero", *operands: Any, **params: Any) -> Any:
-        if nonempty and 0 in self._shape:
+        if (nonempty and 0 in self._shape) or _places(params):
             return NotImplemented
         return _zero(_out_struct(prim, (self, *operands), params))
 
@@ -83,6 +84,9 @@ class Zero(ArrayValue):
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self._shape, self._dtype, weak_type=self._weak_type)
 
+    def shard_structure(self, shape: tuple[int, ...]) -> "Zero":
+        return Zero(shape, self._dtype, weak_type=self._weak_type)
+
     def materialise(self) -> Array:
         return jnp.zeros(self._shape, self._dtype)
 
@@ -110,13 +114,22 @@ class Zero(ArrayValue):
     # -- multiplication: zero whatever the other operand --
 
     def mul(self, other: Any, /, **params):
+        """`0 * x` is zero; when `x` is known while tracing and holds an infinity or
+        a NaN (where `0 * x` is NaN), declines."""
+        if _known_nonfinite(other) or _places(params):
+            return NotImplemented
         return _zero(_out_struct(lax.mul_p, (self, other), params))
 
     def rmul(self, other: Any, /, **params):
+        if _known_nonfinite(other) or _places(params):
+            return NotImplemented
         return _zero(_out_struct(lax.mul_p, (other, self), params))
 
     def div(self, other: Any, /, **params):
-        """`0 / x` is zero (as in autodiff, `x = 0` is not special-cased)."""
+        """`0 / x` is zero when `x` is known while tracing to hold no zero and no NaN
+        (`0 / 0` is NaN); otherwise declines."""
+        if not _known_nonzero(other) or _places(params):
+            return NotImplemented
         return _zero(_out_struct(lax.div_p, (self, other), params))
 
     def max(self, other: Any, /, **params):
@@ -131,9 +144,15 @@ class Zero(ArrayValue):
     rmin = min
 
     def dot_general(self, other: Any, /, **params):
+        """Zero of the result's shape and (preferred) dtype; `precision` does not
+        change zeros. Declines as `mul` does, and for an `out_sharding`."""
+        if _known_nonfinite(other) or _places(params):
+            return NotImplemented
         return _zero(_out_struct(lax.dot_general_p, (self, other), params))
 
     def rdot_general(self, other: Any, /, **params):
+        if _known_nonfinite(other) or _places(params):
+            return NotImplemented
         return _zero(_out_struct(lax.dot_general_p, (other, self), params))
 
     def integer_pow(self, /, *, y, **params):
@@ -151,6 +170,14 @@ class Zero(ArrayValue):
     def concatenate(self, *others: Any, **params):
         return _all_zero(lax.concatenate_p, (self, *others), params, data=slice(None))
 
+    def dynamic_update_slice(self, update: Any, *indices: Any, **params):
+        """Zeros written into zeros leave zeros."""
+        if not isinstance(update, Zero):
+            return NotImplemented
+        return _zero(
+            _out_struct(lax.dynamic_update_slice_p, (self, update, *indices), params)
+        )
+
     def pad(self, padding_value: Any, /, **params):
         """Zero when the padding value is a zero known while tracing."""
         if not (isinstance(padding_value, Zero) or _is_known_zero(padding_value)):
@@ -167,6 +194,20 @@ class Zero(ArrayValue):
             return _all_zero(primitive, operands, params, data=slice(None))
         return NotImplemented
 
+    # -- slicing and stacking (`lax.scan` xs and ys): no arrays at all --
+
+    def unstack(self, length: int):
+        """A zero scanned over is a zero in every step: nothing to slice."""
+        if not self._shape or self._shape[0] != length:
+            return None
+        piece = Zero(self._shape[1:], self._dtype, weak_type=self._weak_type)
+        return (), lambda _: piece
+
+    def stack(self, length: int):
+        """Zeros from every step stack into one zero: nothing to stack."""
+        whole = Zero((length, *self._shape), self._dtype, weak_type=self._weak_type)
+        return (), lambda _: whole
+
     # -- shape: a zero of the new shape (other operands are indices or sizes) --
 
     broadcast_in_dim = _keeps_zero(lax.broadcast_in_dim_p)
@@ -176,7 +217,16 @@ class Zero(ArrayValue):
     rev = _keeps_zero(lax.rev_p)
     slice = _keeps_zero(lax.slice_p)
     dynamic_slice = _keeps_zero(lax.dynamic_slice_p)
-    gather = _keeps_zero(lax.gather_p)
+
+    def gather(self, indices: Any, /, **params):
+        """Zero where every element comes from the operand: `clip` and
+        `promise_in_bounds` modes, a `fill` whose value is `+0`, or indices known
+        while tracing to be in bounds. Otherwise (an out-of-bounds index gives
+        `fill_value`, NaN by default) declines."""
+        if _places(params) or not _gather_reads_operand(self._shape, indices, params):
+            return NotImplemented
+        return _zero(_out_struct(lax.gather_p, (self, indices), params))
+
     convert_element_type = _keeps_zero(lax.convert_element_type_p)
     copy = _keeps_zero(lax.copy_p)
     reduce_precision = _keeps_zero(lax.reduce_precision_p)
@@ -239,13 +289,15 @@ def _out_struct(
     evaluation only, so nothing is emitted into the surrounding trace."""
     structs = tuple(_struct(x) for x in operands)
     try:
-        return _cached_out_struct(prim, structs, tuple(sorted(params.items())))
+        items = tuple(sorted(params.items()))
+        # `static_key` too: `==` merges `0.0`/`-0.0` and `1`/`1.0`/`True`.
+        return _cached_out_struct(prim, structs, items, static_key(items))
     except TypeError:  # an unhashable param: evaluate without the cache
         return _eval_out_struct(prim, structs, params)
 
 
 @ft.lru_cache(maxsize=4096)
-def _cached_out_struct(prim, structs, items) -> jax.ShapeDtypeStruct:
+def _cached_out_struct(prim, structs, items, strict_key) -> jax.ShapeDtypeStruct:
     return _eval_out_struct(prim, structs, dict(items))
 
 
@@ -294,10 +346,70 @@ def _both_zero(prim: jexc.Primitive, zero: Zero, other: Any, params: dict) -> An
     return _zero(_out_struct(prim, (zero, other), params))
 
 
-def _is_known_zero(x: Any) -> bool:
+def _known(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array if it is known while tracing, else None."""
     if isinstance(x, Value | jax.core.Tracer):
-        return False
+        return None
     try:
-        return bool(np.all(np.asarray(x) == 0))
-    except Exception:  # noqa: BLE001 -- not concrete: not known to be zero
+        return np.asarray(x)
+    except Exception:  # noqa: BLE001 -- not concrete: not known
+        return None
+
+
+def _is_known_zero(x: Any) -> bool:
+    """Known to be `+0` everywhere (a `-0.0` would make the result's zeros negative)."""
+    a = _known(x)
+    if a is None:
         return False
+    if np.issubdtype(a.dtype, np.inexact):
+        return bool(np.all(a == 0) and not np.any(np.signbit(np.real(a))))
+    return bool(np.all(a == 0))
+
+
+def _known_nonfinite(x: Any) -> bool:
+    """Known to hold an infinity or a NaN (times zero: NaN)."""
+    a = _known(x)
+    if a is None or not np.issubdtype(a.dtype, np.inexact):
+        return False
+    return bool(not np.all(np.isfinite(a)))
+
+
+def _known_nonzero(x: Any) -> bool:
+    """Known to hold no zero and no NaN (so zero divided by it is zero)."""
+    a = _known(x)
+    if a is None:
+        return False
+    if np.issubdtype(a.dtype, np.inexact):
+        return bool(np.all(a != 0) and not np.any(np.isnan(a)))
+    return bool(np.all(a != 0))
+
+
+def _places(params: dict[str, Any]) -> bool:
+    """A sharding asked of the result: a `Zero` has no arrays to place, so declines
+    (the dense path honours it)."""
+    return params.get("sharding") is not None or params.get("out_sharding") is not None
+
+
+def _gather_reads_operand(shape: tuple[int, ...], indices: Any, params: dict) -> bool:
+    """Whether every element of this gather comes from the operand (so gathering
+    zeros gives zeros), not from `fill_value`."""
+    mode = lax.GatherScatterMode.from_any(params.get("mode"))
+    if mode in (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS):
+        return True
+    if mode is not lax.GatherScatterMode.FILL_OR_DROP:
+        return False  # a mode this rule does not know
+    fill = params.get("fill_value")
+    if fill is not None and _is_known_zero(fill):
+        return True
+    idx = _known(indices)
+    if idx is None:
+        return False
+    # In bounds: for each indexed dimension d, 0 <= start <= shape[d] - slice_size.
+    dnums = params["dimension_numbers"]
+    slice_sizes = params["slice_sizes"]
+    starts = idx.reshape(-1, idx.shape[-1]) if idx.ndim else idx.reshape(1, 1)
+    for k, d in enumerate(dnums.start_index_map):
+        column = starts[:, k]
+        if np.any(column < 0) or np.any(column > shape[d] - slice_sizes[d]):
+            return False
+    return True

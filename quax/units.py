@@ -1,0 +1,25 @@
+"""Quantities with units (see `quax.types.units`)."""
+
+from .types.units import (
+    A as A,
+    Hz as Hz,
+    J as J,
+    K as K,
+    N as N,
+    Unit as Unit,
+    UnitError as UnitError,
+    Unitful as Unitful,
+    W as W,
+    cm as cm,
+    dimensionless as dimensionless,
+    g as g,
+    hour as hour,
+    kg as kg,
+    km as km,
+    m as m,
+    minute as minute,
+    mm as mm,
+    mol as mol,
+    ms as ms,
+    s as s,
+)
