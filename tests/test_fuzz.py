@@ -1,8 +1,11 @@
 """The differential fuzzer: random programs on every builder's value, through quax and
 on dense arrays, in every mode (see `tests/fuzz/__init__.py`).
 
-`FUZZ_EXAMPLES` (default 1, which keeps the bounded run in `make test` under a minute of CPU) examples per (type, mode) test; `FUZZ_SEED` fixes the seed
-(otherwise random, and printed with every failure).
+`FUZZ_EXAMPLES` programs per (type, mode) test: default 1, which keeps the bounded run
+in `make test` near a minute of CPU; `make fuzz` runs 500. `FUZZ_SEED` fixes the seed
+(otherwise random, and printed with every failure). `FUZZ_SHRINK=0` reports a failure
+as drawn, without hypothesis's shrinking (which recompiles each candidate and may take
+minutes).
 """
 
 import os
@@ -26,6 +29,11 @@ HEALTH_CHECKS = [
     hypothesis.HealthCheck.filter_too_much,
     hypothesis.HealthCheck.data_too_large,
     hypothesis.HealthCheck.large_base_example,
+]
+PHASES = [
+    p
+    for p in hypothesis.Phase
+    if os.environ.get("FUZZ_SHRINK", "1") != "0" or p != hypothesis.Phase.shrink
 ]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1"))
 
@@ -54,6 +62,7 @@ def test_fuzz(kind, mode):
         print_blob=True,
         report_multiple_bugs=False,
         suppress_health_check=HEALTH_CHECKS,
+        phases=PHASES,
     )
     @hypothesis.given(st.data())
     def run(data):
