@@ -1,8 +1,11 @@
 """The differential fuzzer: random programs on every builder's value, through quax and
 on dense arrays, in every mode (see `tests/fuzz/__init__.py`).
 
-`FUZZ_EXAMPLES` (default 1, which keeps the bounded run in `make test` under a minute of CPU) examples per (type, mode) test; `FUZZ_SEED` fixes the seed
-(otherwise random, and printed with every failure).
+`FUZZ_EXAMPLES` programs per (type, mode) test: default 1, which keeps the bounded run
+in `make test` near a minute of CPU; `make fuzz` runs 500. `FUZZ_SEED` fixes the seed
+(otherwise random, and printed with every failure). `FUZZ_SHRINK=0` reports a failure
+as drawn, without hypothesis's shrinking (which recompiles each candidate and may take
+minutes).
 """
 
 import os
@@ -20,6 +23,18 @@ from fuzz.program import iter_ops
 from fuzz.replay import variants
 
 
+# Programs are slow to run (compiles) and often redrawn (exclusions, rejected draws).
+HEALTH_CHECKS = [
+    hypothesis.HealthCheck.too_slow,
+    hypothesis.HealthCheck.filter_too_much,
+    hypothesis.HealthCheck.data_too_large,
+    hypothesis.HealthCheck.large_base_example,
+]
+PHASES = [
+    p
+    for p in hypothesis.Phase
+    if os.environ.get("FUZZ_SHRINK", "1") != "0" or p != hypothesis.Phase.shrink
+]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1"))
 
 
@@ -46,7 +61,8 @@ def test_fuzz(kind, mode):
         derandomize=False,
         print_blob=True,
         report_multiple_bugs=False,
-        suppress_health_check=list(hypothesis.HealthCheck),
+        suppress_health_check=HEALTH_CHECKS,
+        phases=PHASES,
     )
     @hypothesis.given(st.data())
     def run(data):

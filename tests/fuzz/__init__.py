@@ -22,7 +22,8 @@ Running:
     make fuzz                                # FUZZ_EXAMPLES=500 per (type, mode), -n auto
     FUZZ_EXAMPLES=20 pytest tests/test_fuzz.py -k "lora and eager"
 
-`make test` runs a bounded run (`FUZZ_EXAMPLES` defaults to a few per test).
+`make test` runs a bounded run (`FUZZ_EXAMPLES` defaults to 1 program per test, a
+new random one each run). `FUZZ_SHRINK=0` skips hypothesis's shrinking of a failure.
 
 Reproducing a failure: the failure message prints the program as text, the seed and
 the command to rerun it (`FUZZ_SEED=<seed> pytest tests/test_fuzz.py -k <test id>`

@@ -79,7 +79,7 @@ class Gen:
         """Register a plain input; returns its index in `env.extras`."""
         if kind is None:
             kind = self.choice(("normal", "normal", "special"))
-        self.extras.append(Extra(tuple(shape), dtype, kind, lo, hi))
+        self.extras.append(Extra(tuple(shape), dtype, str(kind), lo, hi))
         return len(self.extras) - 1
 
     def indices(self, shape: tuple[int, ...], n: int, oob: bool) -> int:
@@ -202,7 +202,7 @@ def draw_program(
     """A program of 2-`max_ops` operations from `names`, on a value of aval `v_aval`."""
     # Tracer-leak checking (on in the test suite) triples the cost of drawing, whose
     # `eval_shape` checks cannot leak into quax: off while drawing.
-    leaks = jax.config.jax_check_tracer_leaks
+    leaks = jax.config.values["jax_check_tracer_leaks"]
     jax.config.update("jax_check_tracer_leaks", False)
     try:
         return _draw_program(data, v_aval, names, max_ops)

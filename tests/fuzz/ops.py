@@ -1258,28 +1258,30 @@ class Scan:
         run = ft.partial(apply_ops, self.body, env=env)
         if self.role == "carry":
 
-            def step(c, _):
+            def step_carry(c, _):
                 c = run(c)
                 return c, c
 
-            carry, ys = lax.scan(step, x, length=self.length, reverse=self.reverse)
+            carry, ys = lax.scan(
+                step_carry, x, length=self.length, reverse=self.reverse
+            )
         elif self.role == "xs":
 
-            def step(c, xi):
+            def step_xs(c, xi):
                 y = run(xi)
                 return c + y, y
 
             carry, ys = lax.scan(
-                step, jnp.zeros(x.shape[1:], x.dtype), x, reverse=self.reverse
+                step_xs, jnp.zeros(x.shape[1:], x.dtype), x, reverse=self.reverse
             )
         else:
 
-            def step(c, _):
+            def step_const(c, _):
                 c = run(c) + x
                 return c, c
 
             carry, ys = lax.scan(
-                step,
+                step_const,
                 jnp.zeros(x.shape, x.dtype),
                 length=self.length,
                 reverse=self.reverse,
