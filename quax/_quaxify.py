@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from . import _compat
+from ._closures import lift_closure
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
 from ._strict import STATE, Mode, check_mode, mode_for_call
 from ._values import Value, aval_of, is_value
@@ -47,7 +48,8 @@ class _Quaxify(eqx.Module):
         return eqx.Partial(self, instance)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tree = (self.fn, args, kwargs)
+        # Values captured by a closure, bound method or partial become inputs.
+        tree = (lift_closure(self.fn), args, kwargs)
         if self.filter_spec is True:
             dynamic, passthrough = tree, None  # `eqx.partition` costs ms on big models
         else:

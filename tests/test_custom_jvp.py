@@ -163,3 +163,20 @@ def test_grad_of_adapters_through_a_user_rule():
     got = jax.grad(lambda p: quax.quaxify(f)(eqx.combine(p, static)))(params)
     expected = jax.grad(lambda p: f(quax.lora.merge(eqx.combine(p, static))))(params)
     assert tree_allclose((got.a, got.b), (expected.a, expected.b))
+
+
+# -- outputs that carry no derivative stay values (issue 13.5) --------------------------
+
+
+def test_relu_of_zero_is_zero_and_differentiates():
+    from quax.zero import Zero
+
+    z = Zero((3,), jnp.float32)
+    assert isinstance(quax.quaxify(jax.nn.relu)(z), Zero)
+    assert isinstance(jax.jit(quax.quaxify(jax.nn.relu))(z), Zero)
+    # Under `jax.grad` outside quaxify: relu(0) + x has gradient 1 in x.
+    f = lambda z, x: jnp.sum(jax.nn.relu(z) * x + jax.nn.relu(x))
+    x = jnp.array([-1.0, 0.0, 2.0])
+    got = jax.grad(lambda x: quax.quaxify(f)(z, x))(x)
+    expected = jax.grad(lambda x: f(jnp.zeros(3), x))(x)
+    assert tree_allclose(got, expected)

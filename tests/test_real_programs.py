@@ -74,3 +74,52 @@ def test_grad_of_y0_only_with_default_lora():
     got = jax.jit(jax.grad(lambda y0: quax.quaxify(_ode_loss)(model, y0)))(y0)
     expected = jax.grad(lambda y0: _ode_loss(quax.lora.merge(model), y0))(y0)
     assert tree_allclose(got, expected)
+
+
+# -- values closed over (issue 12.3) ---------------------------------------------------
+
+
+def _lora_mlp():
+    mlp = eqx.nn.MLP(3, 2, 8, 1, key=jr.key(0))
+    model = quax.lora.loraify(mlp, rank=2, key=jr.key(1))
+    # Nonzero `b`, so the adapters change the output.
+    return eqx.tree_at(
+        lambda m: [layer.weight.b for layer in m.layers],
+        model,
+        replace_fn=lambda b: jnp.full(b.shape, 0.3),
+    )
+
+
+def test_equinox_module_closed_over():
+    model = _lora_mlp()
+    x = jnp.array([1.0, -2.0, 0.5])
+    merged = quax.lora.merge(model)
+    assert tree_allclose(quax.quaxify(lambda x: model(x))(x), merged(x))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(quax.quaxify(lambda x: model(x))(x))))
+    assert tree_allclose(grad(x), jax.grad(lambda x: jnp.sum(merged(x)))(x))
+
+
+def test_partial_and_nested_closure():
+    import functools as ft
+
+    model = _lora_mlp()
+    x = jnp.array([1.0, -2.0, 0.5])
+    inner = lambda x: model(x)
+    outer = ft.partial(lambda scale, x: scale * inner(x), 2.0)
+    assert tree_allclose(quax.quaxify(outer)(x), 2.0 * quax.lora.merge(model)(x))
+
+
+def test_flax_nnx_module_closed_over():
+    import flax.nnx as nnx
+
+    linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    lora = quax.lora.LoraArray(linear.kernel[...], rank=2, key=jr.key(2))
+    lora = eqx.tree_at(lambda lo: lo.b, lora, jnp.ones_like(lora.b))
+    linear.kernel = nnx.Param(lora)
+    dense = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    dense.kernel = nnx.Param(lora.w + lora.a @ lora.b)
+    x = jnp.array([1.0, -2.0, 0.5])
+    assert tree_allclose(quax.quaxify(lambda x: linear(x))(x), dense(x))
+    assert tree_allclose(quax.quaxify(linear.__call__)(x), dense(x))
+    got = jax.grad(lambda x: jnp.sum(quax.quaxify(lambda x: linear(x))(x)))(x)
+    assert tree_allclose(got, jax.grad(lambda x: jnp.sum(dense(x)))(x))
