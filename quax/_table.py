@@ -43,18 +43,27 @@ def handler_name(prim_name: str) -> str:
 
 
 @ft.cache
-def primitive_handler_names() -> dict[str, str]:
-    """Every handler name of the primitives JAX exports, forward and reflected,
-    mapped to the primitive's name. Computed from `jax.lax` and
-    `jax.extend.core.primitives`, never kept by hand."""
-    names: dict[str, str] = {}
+def jax_primitives() -> dict[str, jexc.Primitive]:
+    """The primitives JAX exports (in `jax.lax` and `jax.extend.core.primitives`), by
+    handler name. Computed, never kept by hand."""
+    prims: dict[str, jexc.Primitive] = {}
     for module in (jax.lax, jexc.primitives):
         for attr in dir(module):
             prim = getattr(module, attr, None)
             if isinstance(prim, jexc.Primitive):
-                name = handler_name(prim.name)
-                names.setdefault(name, prim.name)
-                names.setdefault("r" + name, prim.name)
+                prims.setdefault(handler_name(prim.name), prim)
+    return prims
+
+
+@ft.cache
+def primitive_handler_names() -> dict[str, str]:
+    """Every handler name of the primitives JAX exports, forward and reflected,
+    mapped to the primitive's name."""
+    names: dict[str, str] = {}
+    for name, prim in jax_primitives().items():
+        names.setdefault(name, prim.name)
+    for name, prim in jax_primitives().items():
+        names.setdefault("r" + name, prim.name)
     return names
 
 
@@ -115,6 +124,9 @@ def handler(*names: str, operands: Literal["self", "all"] = "self") -> Callable:
     Several handlers of one class may share a name (overloads): they are tried in
     definition order, a subclass's before its bases', and the first whose
     annotations accept the operands and which does not return `NotImplemented` wins.
+    A method named after a primitive is an overload too, where it is defined; a
+    decorated function is registered under the given names only, and a subclass
+    method overriding it (same attribute name, no decorator) takes its place.
 
     **Returns:**
 
@@ -241,10 +253,6 @@ class Handler:
         operand_params = [p.name for p in positional[skip:]] + [p.name for p in varargs]
         self.annotated = any(name in raw for name in operand_params)
         self._hints: tuple[tuple[Any, ...], Any, Any] | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.owner.__name__}.{self.attr}"
 
     def hints(self) -> tuple[tuple[Any, ...], Any, Any]:
         """`(operand hints, *args hint, return hint)`, `_NO_HINT` where there is no

@@ -155,8 +155,10 @@ class ArrayValue(Value):
 
     Subclass it, declare fields as in any equinox Module, implement `aval()` and
     `materialise()`, and add handler methods named after the primitives you want to
-    handle (`def dot_general(self, other, /, **params)`, `def radd(self, other, /)`).
-    Everything without a handler materialises. Outside `quax.quaxify`, Python's
+    handle (`def dot_general(self, other, /, **params)`, `def radd(self, other, /)`),
+    or register methods of any name with `@quax.handler(...)` (overloads, and
+    handlers for a value at any operand position). Everything without a handler
+    materialises. Outside `quax.quaxify`, Python's
     operators (`+`, `@`, `-v`, `v[i]`, `v.T`, `<`, ...) run the `jax.numpy` operation
     under `quaxify`; `==` and `!=` keep equinox's Module equality.
     """
