@@ -34,6 +34,7 @@ BENCHES = (
     "zero",
     "sparse",
     "structured",
+    "qlora",
 )
 OURS, THEIRS = "quax", "quax-pypi"
 

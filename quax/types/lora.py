@@ -199,7 +199,7 @@ class LoraArray(ArrayValue):
         """A stack of adapted matrices (`w` of shape `(layers, ..., n, m)`) is scanned
         over one `LoraArray` per layer, so LoRA's handlers run in the scanned body; a
         single matrix (whose `b` has no layer axis) never is."""
-        return self.w.ndim >= 3
+        return self.batch_ndim >= 1
 
     def stack(self, length: int):
         """Adapted matrices from every step of a scan stack leaf by leaf into one

@@ -349,14 +349,14 @@ class Unitful(ArrayValue):
 
     # -- units combine --
 
-    def mul(self, other: ArrayLike | "Unitful", /, **params: Any) -> Any:
+    def mul(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
         a, ua = _split(other)
         return _wrap(P.mul_p.bind(self.array, a, **params), self.unit * ua)
 
     def rmul(self, other: ArrayLike, /, **params: Any) -> Any:
         return _wrap(P.mul_p.bind(other, self.array, **params), self.unit)
 
-    def div(self, other: ArrayLike | "Unitful", /, **params: Any) -> Any:
+    def div(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
         a, ua = _split(other)
         return _wrap(P.div_p.bind(self.array, a, **params), self.unit / ua)
 
@@ -391,7 +391,7 @@ class Unitful(ArrayValue):
     def square(self, /, **params: Any) -> Any:
         return _wrap(P.square_p.bind(self.array, **params), self.unit**2)
 
-    def dot_general(self, other: ArrayLike | "Unitful", /, **params: Any) -> Any:
+    def dot_general(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
         a, ua = _split(other)
         return _wrap(P.dot_general_p.bind(self.array, a, **params), self.unit * ua)
 
@@ -504,7 +504,7 @@ class Unitful(ArrayValue):
         return [Unitful(lu, self.unit), pivots, perm]
 
     def triangular_solve(
-        self, b: ArrayLike | "Unitful", /, *, unit_diagonal: bool, **params: Any
+        self, b: "ArrayLike | Unitful", /, *, unit_diagonal: bool, **params: Any
     ) -> Any:
         # An implicit unit diagonal is only consistent with a dimensionless matrix.
         ua = dimensionless if unit_diagonal else self.unit
