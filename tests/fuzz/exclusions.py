@@ -29,18 +29,6 @@ class Exclusion:
         )
 
 
-def _gathers_with_fill(op: Any) -> bool:
-    if isinstance(op, ops.Take | ops.AtGet):
-        return op.mode in (None, "fill", "drop")
-    return isinstance(op, ops.TakeAlongAxis) and op.mode == "fill"
-
-
-def _batched_while(op: Any) -> bool:
-    if isinstance(op, ops.While):
-        return op.on_value
-    return isinstance(op, ops.Fori) and op.traced is not None
-
-
 def _fori_traced(op: Any) -> bool:
     return isinstance(op, ops.Fori) and op.traced is not None
 
@@ -63,24 +51,8 @@ _READS_ZERO_SIGN = (
 
 EXCLUSIONS: list[Exclusion] = [
     Exclusion(
-        'F1: Zero\'s gather ignores mode="fill"',
-        kinds=("zero",),
-        modes=None,
-        when=_gathers_with_fill,
-    ),
-    Exclusion(
-        "F2: a cached trace merges 0.0 and -0.0 passed as a static Python float",
-        kinds=None,
-        modes=("eager_twin",),
-    ),
-    Exclusion(
-        "F3: vmap of a while loop whose predicate is batched, with a value in the carry",
-        kinds=None,
-        modes=("vmap_inside", "vmap_outside"),
-        when=_batched_while,
-    ),
-    Exclusion(
-        "F4: Zero loses the sign of zero",
+        "F4: Zero keeps the algebra of symbolic zeros and does not track the sign "
+        "of zero (documented; see the README's 'Symbolic zeros')",
         kinds=("zero",),
         modes=None,
         names=_READS_ZERO_SIGN,
