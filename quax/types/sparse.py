@@ -273,8 +273,8 @@ class BCOO(ArrayValue):
         return self._replace(jnp.copy(self.data))
 
     def convert_element_type(self, *, new_dtype, sharding=None, **params):
-        if sharding is not None:
-            return NotImplemented
+        if sharding is not None or new_dtype == jnp.bool_ or self.dtype == jnp.bool_:
+            return NotImplemented  # bool entries do not add up
         value = self
         if not jnp.issubdtype(new_dtype, jnp.inexact):
             value = self.sum_duplicates()  # non-linear: entries must be summed first
@@ -580,6 +580,11 @@ def _todense(data: Array, indices: Array, shape: tuple[int, ...]) -> Array:
 
     def one(data, indices):
         out = jnp.zeros(shape[n_batch:], data.dtype)
+        if data.dtype == jnp.bool_:  # entries combine with `or`
+            if not sparse_shape:
+                return data.any(0)
+            indices = _invalid_to_oob(indices, sparse_shape)
+            return out.at[tuple(indices.T)].max(data, mode="drop")
         if not sparse_shape:
             return out + data.sum(0)
         indices = _invalid_to_oob(indices, sparse_shape)
