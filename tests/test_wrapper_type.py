@@ -756,10 +756,7 @@ _CALLBACK = "callbacks materialise their operands before leaving JAX (by design)
 #: Found while measuring: these fail through `Transparent` too (a value-carrying
 #: `while` whose condition quax re-traces to a non-scalar predicate), a defect of the
 #: while handler reported to its owner; not run until it is fixed.
-QUAX_DEFECTS = {
-    "jax.scipy.special.exp1": "while: cond_fun must return a boolean scalar",
-    "jax.scipy.special.expi": "while: cond_fun must return a boolean scalar",
-}
+QUAX_DEFECTS: dict[str, str] = {}  # exp1/expi (batched `while` predicate): fixed
 
 #: Functions that do not return the wrapper today, each with the reason (found by
 #: running this file as a script).
