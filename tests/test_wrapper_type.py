@@ -753,10 +753,9 @@ _COND = (
 )
 _CALLBACK = "callbacks materialise their operands before leaving JAX (by design)"
 
-#: Found while measuring: these fail through `Transparent` too (a value-carrying
-#: `while` whose condition quax re-traces to a non-scalar predicate), a defect of the
-#: while handler reported to its owner; not run until it is fixed.
-QUAX_DEFECTS: dict[str, str] = {}  # exp1/expi (batched `while` predicate): fixed
+#: Functions that fail through `Transparent` too: a quax defect, not run until it is
+#: fixed. Empty: `exp1`/`expi` (a `while` with a batched predicate) were fixed.
+QUAX_DEFECTS: dict[str, str] = {}
 
 #: Functions that do not return the wrapper today, each with the reason (found by
 #: running this file as a script).
