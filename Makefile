@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo demo-sharded lint bench clean fuzz
+.PHONY: test test-all demo demo-sharded lint bench clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	touch $@
 
 test: $(VENV)/.installed-test
-	JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q
+	JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q -m "not slow"
+
+# Everything, the tests marked slow included (more types x modes, the whole wrapper
+# measure, every adjoint): about twice as long as `make test`.
+test-all: $(VENV)/.installed-test
+	JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q
 
 # The differential fuzzer alone, for as long as asked: FUZZ_EXAMPLES programs per (type,
 # mode) test, on every core. Each failure prints its seed, program and a replay command.

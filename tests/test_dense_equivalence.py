@@ -607,7 +607,12 @@ FUNCTIONS = [f"{c.name}.{f}" for c in CASES.values() for f in c.fns]
 assert len(FUNCTIONS) >= 70, len(FUNCTIONS)
 
 
-def _params(names, modes=(None,)):
+#: The builders `make test` runs through the transformed modes; every other type runs
+#: them under `make test-all` (marked slow) and eagerly and under jit everywhere.
+CORE_KINDS = frozenset({"lora", "nested", "ruleless", "scaled", "zero"})
+
+
+def _params(names, modes=(None,), *, core_only=False):
     out = []
     for name in names:
         c = CASES[name]
@@ -617,6 +622,8 @@ def _params(names, modes=(None,)):
                 marks = (
                     [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
                 )
+                if core_only and kind not in CORE_KINDS:
+                    marks.append(pytest.mark.slow)
                 args, ids = (c, kind), [name, kind]
                 if mode is not None:
                     args, ids = (*args, mode), [*ids, mode]
@@ -647,7 +654,7 @@ def test_matches_dense(c: Case, kind: str, mode: str):
 
 @pytest.mark.parametrize(
     ("c", "kind", "mode"),
-    _params(TRANSFORMED, ("jit_inside", "grad", "vmap")),
+    _params(TRANSFORMED, ("jit_inside", "grad", "vmap"), core_only=True),
     indirect=["mode"],
 )
 def test_matches_dense_transformed(c: Case, kind: str, mode: str):
@@ -672,7 +679,7 @@ def _loss(out):
     )
 
 
-@pytest.mark.parametrize(("c", "kind"), _params(LEAF_GRAD))
+@pytest.mark.parametrize(("c", "kind"), _params(LEAF_GRAD, core_only=True))
 def test_grad_wrt_value_leaves(c: Case, kind: str):
     value, _, args = _build(c, kind)
 

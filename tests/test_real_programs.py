@@ -37,7 +37,14 @@ def _load_example(name: str):
 # -- diffrax: gradients through custom_vjp (issue 12.1) --------------------------------
 
 
-@pytest.mark.parametrize("adjoint", ["recursive_checkpoint", "backsolve", "direct"])
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        "recursive_checkpoint",
+        pytest.param("backsolve", marks=pytest.mark.slow),
+        pytest.param("direct", marks=pytest.mark.slow),
+    ],
+)
 def test_neural_ode_lora_finetune_matches_merged_dense(adjoint):
     example = _load_example("neural_ode")
     out = example.train(adjoint, steps=2, width=8, depth=1, n=2, solver=diffrax.Euler())

@@ -244,6 +244,7 @@ def test_literals_in_shard_map_bodies(mesh):
     np.testing.assert_allclose(quax.quaxify(f)(z), f(jnp.zeros(16)))
 
 
+@pytest.mark.slow
 def test_sharded_lora_demo():
     import pathlib
     import sys

@@ -896,10 +896,13 @@ def _result(name: str) -> tuple[list[str], Any, Any]:
     fails to trace is rerun alone, so it cannot hide the others."""
     if name not in _RESULTS:
         listed = name in NOT_WRAPPER_TODAY
+        fast = name in _FAST
         same = sorted(
             n
             for n in CASES
-            if (n in NOT_WRAPPER_TODAY) == listed and n not in QUAX_DEFECTS
+            if (n in NOT_WRAPPER_TODAY) == listed
+            and (n in _FAST) == fast
+            and n not in QUAX_DEFECTS
         )
         start = same.index(name) // _GROUP * _GROUP
         group = same[start : start + _GROUP]
@@ -929,7 +932,19 @@ def _check_dense_equal(got: Any, want: Any) -> None:
         )
 
 
-@pytest.mark.parametrize("name", sorted(n for n in CASES if n not in QUAX_DEFECTS))
+#: The cases `make test` runs: every 8th (`make test-all` runs the whole measure).
+#: They are grouped among themselves, so the others are never compiled there.
+_FAST = frozenset(sorted(n for n in CASES if n not in QUAX_DEFECTS)[::8])
+
+
+def _case_params() -> list[Any]:
+    names = sorted(n for n in CASES if n not in QUAX_DEFECTS)
+    return [
+        pytest.param(n, marks=() if n in _FAST else pytest.mark.slow) for n in names
+    ]
+
+
+@pytest.mark.parametrize("name", _case_params())
 def test_function_returns_the_wrapper(name):
     kinds, got, want = _result(name)
     _check_dense_equal(got, want)
