@@ -53,6 +53,35 @@ def register(*prims: jexc.Primitive | None) -> Callable[[HigherOrderHandler], An
     return decorator
 
 
+#: Higher-order primitives told apart by their equation rather than by object (each
+#: library makes its own equinox filter primitives): `(matches, handler)` pairs, asked
+#: in order when `HIGHER_ORDER` has no entry.
+HIGHER_ORDER_MATCHERS: list[tuple[Callable[[Any], bool], HigherOrderHandler]] = []
+
+
+def register_matcher(
+    matches: Callable[[Any], bool],
+) -> Callable[[HigherOrderHandler], Any]:
+    """Decorator: `fn(eqn, invals) -> outvals` handles every equation for which
+    `matches(eqn)` holds, when a value reaches it."""
+
+    def decorator(fn: HigherOrderHandler) -> HigherOrderHandler:
+        HIGHER_ORDER_MATCHERS.append((matches, fn))
+        return fn
+
+    return decorator
+
+
+def higher_order_handler(eqn: Any) -> HigherOrderHandler | None:
+    """quax's own handler for the higher-order equation `eqn`, or None."""
+    handler = HIGHER_ORDER.get(eqn.primitive)
+    if handler is None:
+        for matches, fn in HIGHER_ORDER_MATCHERS:
+            if matches(eqn):
+                return fn
+    return handler
+
+
 _ACTIVE = threading.local()
 
 
@@ -112,8 +141,10 @@ def dispatch_eqn(eqn: Any, invals: list[Any]) -> tuple[str, list[Any]]:
     with site(eqn.source_info), eqn_context(eqn):
         operands = handler_operands(eqn, invals)
         found = try_handlers(eqn, operands, eqn.params)
-        if found is NotImplemented and prim in HIGHER_ORDER:
-            return "built-in", HIGHER_ORDER[prim](eqn, invals)
+        if found is NotImplemented:
+            higher_order = higher_order_handler(eqn)
+            if higher_order is not None:
+                return "built-in", higher_order(eqn, invals)
         if found is NotImplemented:
             bind_params = prim.get_bind_params(eqn.params)
             found = try_defaults(eqn, operands, bind_params)
