@@ -88,7 +88,7 @@ def test_value_index_is_materialised():
 def test_cond_under_jit_keeps_one_cond(getkey):
     value, _ = BUILDERS["ruleless"](getkey())
     fn = quax.quaxify(lambda p, x: _two_way(p, x, 1.0))
-    jaxpr = jax.make_jaxpr(fn)(True, value)
+    jaxpr = walked(jax.make_jaxpr(fn)(True, value))
     names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     assert names.count("cond") == 1
 

@@ -254,6 +254,7 @@ class _CarryChanged(Exception):
     def __init__(self, positions: frozenset[int]):
         super().__init__(positions)
         self.positions = positions
+        self.trace = _compat.current_trace()  # the loop body's, now abandoned
 
 
 def _check_kinds(before: Sequence[Any], after: Sequence[Any], eqn: Any) -> list[Any]:
@@ -285,9 +286,15 @@ def _settled(emit: Callable[[frozenset[int]], Any], n_carry: int) -> Any:
         try:
             return emit(to_dense)
         except _CarryChanged as changed:
-            if changed.positions <= to_dense:
-                break
-            to_dense = to_dense | changed.positions
+            positions = changed.positions
+            # JAX frees a trace's tracers when the trace ends normally; a stopped
+            # body's trace is released here, or it would keep an outer trace's
+            # tracers alive (JAX's leak checker reports them).
+            _compat.release_trace(changed.trace)
+            changed.trace = changed.__traceback__ = None
+        if positions <= to_dense:
+            break
+        to_dense = to_dense | positions
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
