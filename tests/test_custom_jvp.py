@@ -274,11 +274,13 @@ _Y = jnp.array([0.3, -0.2, 0.0, 1.0])
 _WEIGHTS = jnp.arange(1.0, 5.0)
 
 
-def derivatives(fn: Callable, wrap: Callable, quaxed: bool) -> Any:
+def derivatives(
+    fn: Callable, wrap: Callable, quaxed: bool, forward: bool = True
+) -> Any:
     """Derivatives of `sum(fn(v) * weights)` for `v = wrap(x)`, quaxified (else on
     `v` materialised), in one jit: `jax.grad` in `x` outside quaxify (of the
-    function, of its `jax.jit`, per row under `jax.vmap`), `jax.jvp` in `x`, and
-    `jax.grad` in `v` inside quaxify."""
+    function, of its `jax.jit`, per row under `jax.vmap`), `jax.grad` in `v` inside
+    quaxify, and with `forward`, `jax.jvp` in `x`."""
     call = quax.quaxify(fn) if quaxed else fn
 
     def value(x):
@@ -292,13 +294,15 @@ def derivatives(fn: Callable, wrap: Callable, quaxed: bool) -> Any:
         return densify((quax.quaxify(grad) if quaxed else grad)(value(x)))
 
     def run(x, batch):
-        return {
+        out = {
             "grad": jax.grad(loss)(x),
             "grad_of_jit": jax.grad(jax.jit(loss))(x),
             "vmap_grad": jax.vmap(jax.grad(loss))(batch),
-            "jvp": jax.jvp(loss, (x,), (_Y,)),
             "grad_inside": inside(x),
         }
+        if forward:
+            out["jvp"] = jax.jvp(loss, (x,), (_Y,))
+        return out
 
     return jax.jit(run)(_X, jnp.stack([_X, _Y]))
 
