@@ -4,6 +4,7 @@ import functools as ft
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
