@@ -178,7 +178,8 @@ def _lifted(x: Any, tangent: Any) -> list[Any]:
     ok = out is not None and jtu.tree_structure(out, is_leaf=_is_none) == treedef
     lifted = jtu.tree_leaves(out, is_leaf=_is_none) if ok else []
     ok = ok and all(
-        t is None or jax.typeof(t).strip_weak_type() == _leaf_tangent_aval(leaf)
+        t is None
+        or _shape_dtype(jax.typeof(t)) == _shape_dtype(_leaf_tangent_aval(leaf))
         for leaf, t in zip(leaves, lifted, strict=True)
     )
     if not ok:
@@ -229,6 +230,10 @@ def _lift_transpose(x: Any, leaf_cts: Sequence[Any]) -> Any:
     spec = _tangent_spec(x)
     _, pull = jax.vjp(lifted, jnp.zeros(spec.shape, spec.dtype))
     return pull([leaf_cts[i] for i in moving])[0]
+
+
+def _shape_dtype(aval: Any) -> tuple[Any, ...]:
+    return tuple(aval.shape), aval.dtype
 
 
 def _leaf_tangent_aval(leaf: Any) -> Any:
