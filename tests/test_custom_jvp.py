@@ -315,7 +315,15 @@ _LIFTED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_LIFTED))
+#: In `make test-all` only (Doubled's lift is also checked through `clip_grad`).
+_SLOW = {"Doubled-relu"}
+
+
+def lifted_params(names: Any, slow: Any) -> list[Any]:
+    return [pytest.param(n, marks=pytest.mark.slow if n in slow else ()) for n in names]
+
+
+@pytest.mark.parametrize("name", lifted_params(sorted(_LIFTED), _SLOW))
 def test_custom_jvp_outputs_stay_values_with_dense_derivatives(name):
     cls, fn = _LIFTED[name]
     out = quax.quaxify(fn)(cls(_X))
@@ -338,7 +346,14 @@ def test_the_rule_is_kept_when_differentiated_after_tracing():
         assert tree_allclose(got[mode], 3.0 * _WEIGHTS)
 
 
-@pytest.mark.parametrize("fn", [jax.nn.relu, lambda a: jnp.logaddexp(a, _Y)])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jax.nn.relu,
+        pytest.param(lambda a: jnp.logaddexp(a, _Y), marks=pytest.mark.slow),
+    ],
+    ids=["relu", "logaddexp"],
+)
 def test_a_type_that_lifts_no_tangent_is_materialised(fn):
     out = jax.jit(quax.quaxify(fn))(Unlifted(_X))
     assert not isinstance(out, quax.Value) and tree_allclose(out, fn(_X))
