@@ -432,7 +432,7 @@ class ArrayValue(Value):
 
     # -- derivatives: how tangents and cotangents cross `materialise()` --
     # Used where a custom derivative rule (`jax.custom_jvp`, `jax.custom_vjp`) runs on
-    # dense tangents: quax/handlers/_custom_derivatives.py. Neither is a handler.
+    # dense tangents: quax/handlers/_custom_derivatives.py. None is a handler.
 
     def pushforward(self, tangent: Any) -> Any:
         """The dense tangent of `materialise()` when this value's leaves move along
@@ -449,6 +449,21 @@ class ArrayValue(Value):
         cotangent, never `w + a @ b`). The default differentiates `materialise()`."""
         _, pull = jax.vjp(lambda v: materialise(v), self)
         return pull(cotangent)[0]
+
+    def lift_tangent(self, tangent: Any) -> Any:
+        """Tangents for this value's leaves (a pytree like `self`; None for a leaf
+        that does not move) whose `pushforward` is the dense `tangent`, for every
+        `tangent`: a right inverse of `pushforward`, linear in `tangent`. Return None
+        (the default) when this value cannot carry every tangent (a `Zero` has no
+        leaves; `w + a @ b` with `w` frozen has low rank).
+
+        With it, a value that a custom derivative rule (`jax.nn.relu`, `logaddexp`,
+        a user's `jax.custom_jvp`) returns stays a value under differentiation: the
+        rule's dense tangent is lifted onto the leaves (and a cotangent goes back by
+        its transpose). Without it such an output is materialised. A dense wrapper
+        (`materialise()` returns a leaf) returns `type(self)(tangent)`."""
+        del tangent
+        return None
 
 
 def _operand_ok(x: Any) -> bool:
