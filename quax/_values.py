@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import (
+    _MSG_BAD_AVAL,
     _MSG_BAD_MATERIALISE,
     _MSG_PRIMITIVE_ATTRIBUTE,
     HandlerResultError,
@@ -39,8 +40,19 @@ def is_value(x: Any) -> bool:
 
 def aval_of(value: "Value") -> Any:
     """`value.aval()`, without the bound-method object equinox builds on every method
-    access (about 35 us each, on the hot path of every call and equation)."""
-    return type(value).aval(value)
+    access (about 35 us each, on the hot path of every call and equation); a
+    `HandlerResultError` if it is not an abstract value with a shape and dtype."""
+    aval = type(value).aval(value)
+    if type(aval) is not jax.core.ShapedArray and not (
+        isinstance(aval, jax.core.AbstractValue)
+        and hasattr(aval, "shape")
+        and hasattr(aval, "dtype")
+    ):
+        got = f"{aval!r} (a {type(aval).__name__})"
+        raise HandlerResultError(
+            _MSG_BAD_AVAL.format(cls=type(value).__name__, got=got)
+        )
+    return aval
 
 
 def _is_method_like(attr: Any) -> bool:
