@@ -144,6 +144,7 @@ try:  # private; see the section comment
     _StagingTracer = _pe.DynamicJaxprTracer
     _TracingEqn = _pe.TracingEqn
     _staging_rules = _pe.custom_staging_rules
+    _Ref = _core.Ref
 except (ImportError, AttributeError):  # another JAX: the walker binds
     _COPY_OK = False
 
@@ -199,7 +200,7 @@ def copyable(eqn: Any) -> bool:
         return (
             not params.get("inline", False)
             and not params.get("compiler_options_kvs")
-            and not any(isinstance(c, _core.Ref) for c in params["jaxpr"].consts)
+            and not any(isinstance(c, _Ref) for c in params["jaxpr"].consts)
         )
     return False
 
