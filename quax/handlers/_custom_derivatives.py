@@ -6,7 +6,10 @@ leaves, and the original rule stays the derivative:
 
 - **Primal.** The call's jaxpr is walked on the values, so handlers run inside. An
   output stays a value when it carries no derivative (no inexact leaf and no inexact
-  dtype: a `Zero`, an integer-valued type); any other output is materialised, so the
+  dtype: a `Zero`, an integer-valued type), or, for `custom_jvp`, when its class can
+  `join` a plain array into its kind (`ArrayValue.join`): the output is joined into
+  that kind and the rule's dense tangent rides on the leaves `join` gives it (LoRA:
+  the weight's tangent on an unfrozen `w`). Any other output is materialised, so the
   rule's dense tangent or cotangent has somewhere to go.
 - **Only what is perturbed is differentiated.** A dense operand is perturbed when one
   of its leaves is; the rule is asked for exactly those (`symbolic_zeros`), so a
@@ -39,6 +42,8 @@ from ._common import (
     OperandSpec,
     dense,
     flatten_operands,
+    join_kinds,
+    join_to,
     leaf_specs,
     unflatten_operands,
 )
@@ -54,7 +59,9 @@ class _Call:
     holds no array of the trace (only shapes and dtypes): a rule may outlive it.
     """
 
-    def __init__(self, eqn: Any, leaves: list[Any], spec: OperandSpec):
+    def __init__(
+        self, eqn: Any, leaves: list[Any], spec: OperandSpec, join: bool = False
+    ):
         self.eqn = eqn
         self.num_consts: int = eqn.params["num_consts"]
         self.spec = spec
@@ -62,6 +69,10 @@ class _Call:
         # For error messages only: the operands with abstract leaves.
         self.abstract_operands = unflatten_operands(self.leaf_specs, spec)
         self.out_spec: Any = None
+        # Per output, with `join` (custom_jvp): the kind a value output is joined
+        # into (an abstract example), else None.
+        self.join = join
+        self.joins: list[Any] = []
 
     def operands(self, leaves: Sequence[Any]) -> list[Any]:
         return unflatten_operands(leaves, self.spec)
@@ -83,8 +94,21 @@ class _Call:
         `follow`, the derivative rule's outputs are kept where the primal's were."""
         if follow:
             kept = [s is not None for s in self.out_kinds()]
+            outs = [
+                x if t is None else join_to(t, x, self.eqn, outs)
+                for x, t in zip(outs, self.joins, strict=True)
+            ]
         else:
             kept = [_carries_no_derivative(x) for x in outs]
+            self.joins = [
+                _join_target(x) if self.join and not k else None
+                for x, k in zip(outs, kept, strict=True)
+            ]
+            outs = [
+                x if t is None else join_to(t, x, self.eqn, outs)
+                for x, t in zip(outs, self.joins, strict=True)
+            ]
+            kept = [k or t is not None for k, t in zip(kept, self.joins, strict=True)]
         outs = [x if k else self.dense(x) for x, k in zip(outs, kept, strict=True)]
         leaves, spec = flatten_operands(outs)
         if self.out_spec is None:
@@ -118,6 +142,23 @@ def _carries_no_derivative(x: Any) -> bool:
     return not leaves or not jnp.issubdtype(aval_of(x).dtype, jnp.inexact)
 
 
+def _join_target(x: Any) -> Any:
+    """The kind (an abstract example) that value `x` and a plain array of its shape
+    and dtype both join into, or None (a plain array, or a class that cannot)."""
+    if not isinstance(x, ArrayValue):
+        return None
+    aval = aval_of(x)
+    return join_kinds([x, jax.ShapeDtypeStruct(aval.shape, aval.dtype)])
+
+
+def _join_tangent(target: Any, t: Any) -> list[Any]:
+    """The leaf tangents that carry the dense tangent `t` on a value of `target`'s
+    kind: the tangent of `target.join` (affine in the array it joins) along `t`."""
+    zero = jnp.zeros(jnp.shape(t), jnp.result_type(t))
+    _, tangent = jax.jvp(lambda d: target.join(d), (zero,), (t,))
+    return jtu.tree_leaves(tangent)
+
+
 def _inexact(x: Any) -> bool:
     return jnp.issubdtype(jax.typeof(x).dtype, jnp.inexact)
 
@@ -146,7 +187,7 @@ def _is_array(x: Any) -> bool:
 @register(_compat.custom_jvp_call_p)
 def custom_jvp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     leaves, spec = flatten_operands(invals)
-    call = _Call(eqn, leaves, spec)
+    call = _Call(eqn, leaves, spec, join=True)
     fn = jax.custom_jvp(call.primal)
     fn.defjvp(
         lambda primals, tangents: _jvp(call, primals, tangents), symbolic_zeros=True
@@ -184,9 +225,14 @@ def _jvp(call: _Call, primals: Sequence[Any], tangents: Sequence[Any]) -> Any:
     primal_leaves = call.out_leaves(out_primals, follow=True)
     tangent_it = iter(nz_tangents)
     tangent_leaves: list[Any] = []
-    for kind, p, z in zip(kinds, out_primals, out_zeros, strict=True):
+    for kind, p, z, target in zip(
+        kinds, out_primals, out_zeros, call.joins, strict=True
+    ):
         t = None if z else next(tangent_it)
-        if kind is not None:  # a kept value carries no derivative: zero tangents
+        if kind is not None and target is not None and t is not None:
+            tangent_leaves.extend(_join_tangent(target, call.dense(t)))
+        elif kind is not None:  # no derivative here: zero tangents
+            p = p if target is None else join_to(target, p, call.eqn)
             tangent_leaves.extend(_tangent_zero(leaf) for leaf in jtu.tree_leaves(p))
         elif t is None:
             tangent_leaves.append(_tangent_zero(call.dense(p)))

@@ -5,8 +5,10 @@
 Values used as loop constants are closed over by the body, so their handlers run in
 every iteration. A carry stays a value only if one iteration returns it as the same
 kind of value (class, static fields, leaf shapes and dtypes); otherwise it is
-materialised on entry and at the end of the body, and the body is walked again until
-nothing changes (a fixed point, reached in at most one pass per carry). A value as
+re-expressed in one kind for the carry on entry and at the end of the body where its
+class can `join` them (`ArrayValue.join`: a dense carry that the body makes a LoRA
+weight becomes a LoRA weight with zero adapters), or else materialised there, and the
+body is walked again until nothing changes (a fixed point). A value as
 `xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
 its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
 returns None is materialised. Scans are emitted again through the public
@@ -36,10 +38,12 @@ from ._common import (
     abstract_call,
     dense,
     flatten_operands,
+    join_kinds,
+    join_to,
     leaf_specs,
     leaf_type,
     unflatten_operands,
-    value_types,
+    value_type,
 )
 
 
@@ -244,28 +248,40 @@ def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
 
 def _settle(
     abstract_step: Callable[[list[Any]], Sequence[Any]], carry: Sequence[Any], eqn: Any
-) -> frozenset[int]:
-    """The carry positions to materialise so one iteration preserves every carry's
-    kind. Each pass only adds positions, so this ends after at most len(carry)+1."""
-    to_dense: frozenset[int] = frozenset()
-    for _ in range(len(carry) + 1):
-        init = _densify_at(carry, to_dense, eqn)
+) -> dict[int, Any]:
+    """How to re-express each carry whose kind one iteration would change, so every
+    carry keeps its kind: a value to `join` it into (one kind for the carry on entry
+    and for what the body returns: `join_kinds`), or None to materialise it. A
+    position is joined at most twice and then materialised, and a materialised one
+    stays so, so this ends after at most 3 * len(carry) + 1 passes."""
+    plan: dict[int, Any] = {}
+    joins: dict[int, int] = {}
+    for _ in range(3 * len(carry) + 1):
+        init = _densify_at(carry, plan, eqn)
         out = abstract_step(init)
-        changed = {
-            i
-            for i, (before, after) in enumerate(
-                zip(value_types(init), value_types(out), strict=True)
-            )
-            if i not in to_dense and before != after
-        }
+        changed = False
+        for i, (before, after) in enumerate(zip(init, out, strict=True)):
+            kind = value_type(before)
+            if (i in plan and plan[i] is None) or value_type(after) == kind:
+                continue
+            if plan.get(i) is not None:  # the body's result is joined on its way out
+                target = join_kinds([before, after])
+                if target is not None and value_type(target) == kind:
+                    continue
+            joins[i] = joins.get(i, 0) + 1
+            plan[i] = join_kinds([carry[i], before, after]) if joins[i] <= 2 else None
+            changed = True
         if not changed:
-            return to_dense
-        to_dense = to_dense | changed
+            return plan
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
-def _densify_at(vals: Sequence[Any], where: frozenset[int], eqn: Any) -> list[Any]:
-    return [dense(x, eqn, vals) if i in where else x for i, x in enumerate(vals)]
+def _densify_at(vals: Sequence[Any], where: dict[int, Any], eqn: Any) -> list[Any]:
+    """`vals` re-expressed as `_settle` planned: joined into a kind, or
+    materialised."""
+    return [
+        join_to(where[i], x, eqn, vals) if i in where else x for i, x in enumerate(vals)
+    ]
 
 
 def _slice_spec(leaf: Any) -> jax.ShapeDtypeStruct:
