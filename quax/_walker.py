@@ -20,6 +20,7 @@ import jax.extend.core as jexc
 import jax.extend.source_info_util as source_info_util
 import numpy as np
 
+from . import _compat
 from ._dispatch import (
     check_results,
     handler_operands,
@@ -160,49 +161,66 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     # The name stack is the same before every equation (each one's context is left
     # before the next), so it is read once.
     base_names = source_info_util.current_name_stack()
-    user_context = source_info_util.user_context
     if STATE.recorder is not None:  # once per walk, never per equation
         STATE.recorder.walking(jaxpr)
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
+    # Inside a `jit`/`make_jaxpr` trace, an equation no value reaches is copied into
+    # the trace rather than bound again (`_compat.copy_into_trace`).
+    stage = _compat.staging_trace()
+    copy_into_trace = _compat.copy_into_trace
     for ctx, run in _plan(jaxpr):
         # One entry of the equations' shared context (`ctx.manager`) per run of
         # equations that carry the same one: the same as entering it per equation.
         with ctx.manager:
-            for eqn, dead, foldable in run:
+            for eqn, dead, foldable, copyable in run:
                 invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
                 for x in invals:
                     if isinstance(x, value):
                         outvals = run_eqn(eqn, invals)
                         break
                 else:
-                    # `bind`, inlined: no value operand, so bind as `eval_jaxpr` does.
-                    prim = eqn.primitive
+                    # No value operand: copy the equation, or bind it as
+                    # `eval_jaxpr` does (`bind`, inlined).
                     info = eqn.source_info
                     names = info.name_stack
-                    with user_context(
-                        info.traceback,
-                        name_stack=base_names + names if len(names) else base_names,
-                    ):
-                        if (
-                            foldable
-                            and type(invals[0]) not in _NOT_LITERAL
-                            and _is_scalar_literal(invals[0])
-                        ):
-                            with jax.ensure_compile_time_eval():
-                                out = prim.bind(
-                                    *invals, **prim.get_bind_params(eqn.params)
-                                )
-                        else:
-                            out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
-                    outvals = out if prim.multiple_results else (out,)
+                    folds = (
+                        foldable
+                        and type(invals[0]) not in _NOT_LITERAL
+                        and _is_scalar_literal(invals[0])
+                    )
+                    outvals = None
+                    if copyable and stage is not None and not folds:
+                        if len(base_names):
+                            info = info.replace(name_stack=base_names + names)
+                        outvals = copy_into_trace(stage, eqn, invals, info)
+                    if outvals is None:
+                        outvals = _bind_plain(eqn, invals, base_names, folds)
                 for var, val in zip(eqn.outvars, outvals, strict=True):
                     env[var] = val  # a DropVar key is never read; it goes with `env`
                 for var in dead:
                     del env[var]
     return [v.val if type(v) is literal else env[v] for v in jaxpr.outvars]
+
+
+def _bind_plain(eqn: Any, invals: list[Any], base_names: Any, folds: bool) -> Any:
+    """Bind an equation with no value operand, in its source info and name stack;
+    `folds`: compute it now (a pure unary primitive on a scalar literal)."""
+    prim = eqn.primitive
+    info = eqn.source_info
+    names = info.name_stack
+    params = prim.get_bind_params(eqn.params)
+    with source_info_util.user_context(
+        info.traceback, name_stack=base_names + names if len(names) else base_names
+    ):
+        if folds:
+            with jax.ensure_compile_time_eval():
+                out = prim.bind(*invals, **params)
+        else:
+            out = prim.bind(*invals, **params)
+    return out if prim.multiple_results else (out,)
 
 
 #: Types that are never literals, learnt as they are seen (tracer classes first): a
@@ -235,7 +253,7 @@ _FOLDABLE = frozenset(
     "is_finite real imag conj square reduce_precision".split()
 )
 
-_Run = list[tuple[Any, tuple[Any, ...], bool]]
+_Run = list[tuple[Any, tuple[Any, ...], bool, bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
@@ -271,7 +289,8 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
         foldable = (
             len(eqn.invars) == 1 and not eqn.effects and eqn.primitive.name in _FOLDABLE
         )
-        plan[-1][1].append((eqn, tuple(d), foldable))
+        copyable = _compat.copyable(eqn)
+        plan[-1][1].append((eqn, tuple(d), foldable, copyable))
     with _PLANS_LOCK:  # a WeakKeyDictionary is not safe to write from two threads
         _PLANS[jaxpr] = plan
     return plan

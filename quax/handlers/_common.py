@@ -122,6 +122,8 @@ def join_kinds(examples: Sequence[Any]) -> Any:
     `target`'s kind for each `x`. None if there is none: the values' classes do not
     `join`, or disagree."""
     target = next((x for x in examples if isinstance(x, ArrayValue)), None)
+    if target is None or type(target).join is ArrayValue.join:
+        return None  # the class keeps the default: nothing to ask
     for _ in range(len(examples) + 1):  # each change widens the kind: bounded
         if target is None:
             return None

@@ -5,10 +5,12 @@
 Values used as loop constants are closed over by the body, so their handlers run in
 every iteration. A carry stays a value only if one iteration returns it as the same
 kind of value (class, static fields, leaf shapes and dtypes); otherwise it is
-re-expressed in one kind for the carry on entry and at the end of the body where its
-class can `join` them (`ArrayValue.join`: a dense carry that the body makes a LoRA
-weight becomes a LoRA weight with zero adapters), or else materialised there, and the
-body is walked again until nothing changes (a fixed point). A value as
+re-expressed in one kind on entry and at the end of the body where its class can
+`join` them (`ArrayValue.join`: a dense carry that the body makes a LoRA weight becomes
+a LoRA weight with zero adapters), and else materialised there. The body is walked
+once, while JAX traces the loop; only when a carry must enter in another kind is that
+trace stopped and the loop traced again (a fixed point, at most three passes per
+carry). A value as
 `xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
 its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
 returns None is materialised. Scans are emitted again through the public
@@ -35,7 +37,6 @@ from .._errors import (
 from .._values import ArrayValue, aval_of
 from .._walker import bind, register, walk_closed
 from ._common import (
-    abstract_call,
     dense,
     flatten_operands,
     join_kinds,
@@ -44,6 +45,7 @@ from ._common import (
     leaf_type,
     unflatten_operands,
     value_type,
+    value_types,
 )
 
 
@@ -57,18 +59,20 @@ the value."""
 
 @register(_compat.while_p)
 def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    carry = invals[n_cond + n_body :]
+    return _settled(lambda plan: _while(eqn, invals, carry, plan), len(carry))
+
+
+def _while(eqn: Any, invals: list[Any], carry: list[Any], plan: dict[int, Any]):
+    """`while_handler` with the carries re-expressed as `plan` says (`_settled`);
+    raises `_CarryChanged` if the body changes the kind of another carry."""
     params = eqn.params
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-
-    def step(carry: list[Any]) -> list[Any]:
-        return walk_closed(body_jaxpr, [*body_consts, *carry])
-
-    carry = invals[n_cond + n_body :]
-    to_dense = _settle(lambda c: abstract_call(step, c), carry, eqn)
-    carry = _densify_at(carry, to_dense, eqn)
+    carry = _densify_at(carry, plan, eqn)
     cond_leaves, cond_spec = flatten_operands(cond_consts)
     body_leaves, body_spec = flatten_operands(body_consts)
     carry_leaves, carry_spec = flatten_operands(carry)
@@ -89,7 +93,8 @@ def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         consts = unflatten_operands(leaves[:n_bc], body_spec)
         carry = unflatten_operands(leaves[n_bc:], carry_spec)
         outs = walk_closed(body_jaxpr, [*consts, *carry])
-        out_leaves, out_spec = flatten_operands(_densify_at(outs, to_dense, eqn))
+        outs = _check_kinds(carry, _densify_at(outs, plan, eqn), plan, eqn)
+        out_leaves, out_spec = flatten_operands(outs)
         if out_spec != carry_spec:
             raise QuaxBugError(_MSG_BUG.format(what="while carry types changed"))
         return [_strong(x) if i in strong else x for i, x in enumerate(out_leaves)]
@@ -163,29 +168,32 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         outs = walk_closed(body, [*consts, *carry, *x])
         return outs[:n_carry], outs[n_carry:]
 
-    x_specs = [jtu.tree_map(_slice_spec, arrays) for arrays in xs]
-    to_dense = _settle(lambda c: abstract_call(step, c, x_specs)[0], carry, eqn)
     # How each `y` is stacked, from the (last) trace of the body: None for an array.
     stackers: list[Any] = []
 
-    def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
-        new_carry, ys = step(carry, x)
-        stackers.clear()
-        out = []
-        for y in ys:
-            arrays, stacker = _stack(y, length, eqn, ys)
-            out.append(arrays)
-            stackers.append(stacker)
-        return _densify_at(new_carry, to_dense, eqn), out
+    def scan(plan: dict[int, Any]) -> tuple[Any, Any]:
+        def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+            new_carry, ys = step(carry, x)
+            new_carry = _densify_at(new_carry, plan, eqn)
+            new_carry = _check_kinds(carry, new_carry, plan, eqn)
+            stackers.clear()
+            out = []
+            for y in ys:
+                arrays, stacker = _stack(y, length, eqn, ys)
+                out.append(arrays)
+                stackers.append(stacker)
+            return new_carry, out
 
-    new_carry, ys = jax.lax.scan(
-        body_fn,
-        _densify_at(carry, to_dense, eqn),
-        xs,
-        length=length,
-        reverse=params["reverse"],
-        unroll=params["unroll"],
-    )
+        return jax.lax.scan(
+            body_fn,
+            _densify_at(carry, plan, eqn),
+            xs,
+            length=length,
+            reverse=params["reverse"],
+            unroll=params["unroll"],
+        )
+
+    new_carry, ys = _settled(scan, n_carry)
     ys = [
         arrays if stacker is None else stacker(arrays, var.aval)
         for arrays, stacker, var in zip(
@@ -246,41 +254,70 @@ def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
     return arrays, stacker
 
 
-def _settle(
-    abstract_step: Callable[[list[Any]], Sequence[Any]], carry: Sequence[Any], eqn: Any
-) -> dict[int, Any]:
-    """How to re-express each carry whose kind one iteration would change, so every
-    carry keeps its kind: a value to `join` it into (one kind for the carry on entry
-    and for what the body returns: `join_kinds`), or None to materialise it. A
-    position is joined at most twice and then materialised, and a materialised one
-    stays so, so this ends after at most 3 * len(carry) + 1 passes."""
+class _CarryChanged(Exception):
+    """Raised while tracing a loop body that changes the kind of some carries:
+    `changes` maps each position to the kind it must enter in instead (a value with
+    abstract leaves to `join` into), or None to materialise it."""
+
+    def __init__(self, changes: dict[int, Any]):
+        super().__init__(changes)
+        self.changes = changes
+
+
+def _check_kinds(
+    before: Sequence[Any], after: Sequence[Any], plan: dict[int, Any], eqn: Any
+) -> list[Any]:
+    """`after` (one iteration's carries), if each keeps the kind it had `before`:
+    a carry the body returns in another kind is joined into the carry's kind where
+    its class can (`join_kinds`), and a plain carry that comes back a value that
+    cannot join it is materialised at once (that changes nothing on entry); any other
+    change stops the trace."""
+    after = list(after)
+    changes: dict[int, Any] = {}
+    for i, (a, b) in enumerate(
+        zip(value_types(before), value_types(after), strict=True)
+    ):
+        if a == b:
+            continue
+        forced_dense = i in plan and plan[i] is None
+        target = None if forced_dense else join_kinds([before[i], after[i]])
+        if target is not None and value_type(target) == a:
+            after[i] = join_to(target, after[i], eqn, after)
+        elif target is not None:  # a wider kind holds both: enter in it
+            changes[i] = target
+        elif a is None:
+            after[i] = dense(after[i], eqn, after)
+        else:
+            changes[i] = None
+    if changes:
+        raise _CarryChanged(changes)
+    return after
+
+
+def _settled(emit: Callable[[dict[int, Any]], Any], n_carry: int) -> Any:
+    """`emit(plan)`, where `plan` says how each carry whose kind one iteration would
+    change enters the loop (joined into a kind, or materialised: `_densify_at`), so
+    every carry keeps its kind. Found while tracing the real loop: a body that
+    changes a carry's kind stops its trace (`_CarryChanged`) and is traced again, so
+    the body is walked once when the kinds hold (the usual case). A carry is joined
+    at most twice, then materialised, and stays so: at most `3 * n_carry + 1`
+    traces."""
     plan: dict[int, Any] = {}
-    joins: dict[int, int] = {}
-    for _ in range(3 * len(carry) + 1):
-        init = _densify_at(carry, plan, eqn)
-        out = abstract_step(init)
-        changed = False
-        for i, (before, after) in enumerate(zip(init, out, strict=True)):
-            kind = value_type(before)
-            if (i in plan and plan[i] is None) or value_type(after) == kind:
-                continue
-            if plan.get(i) is not None:  # the body's result is joined on its way out
-                target = join_kinds([before, after])
-                if target is not None and value_type(target) == kind:
-                    continue
-            joins[i] = joins.get(i, 0) + 1
-            plan[i] = join_kinds([carry[i], before, after]) if joins[i] <= 2 else None
-            changed = True
-        if not changed:
-            return plan
+    changes_at: dict[int, int] = {}
+    for _ in range(3 * n_carry + 1):
+        try:
+            return emit(plan)
+        except _CarryChanged as changed:
+            for i, target in changed.changes.items():
+                changes_at[i] = changes_at.get(i, 0) + 1
+                plan[i] = target if changes_at[i] <= 2 else None
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
-def _densify_at(vals: Sequence[Any], where: dict[int, Any], eqn: Any) -> list[Any]:
-    """`vals` re-expressed as `_settle` planned: joined into a kind, or
-    materialised."""
+def _densify_at(vals: Sequence[Any], plan: dict[int, Any], eqn: Any) -> list[Any]:
+    """`vals` re-expressed as `plan` says: joined into a kind, or materialised."""
     return [
-        join_to(where[i], x, eqn, vals) if i in where else x for i, x in enumerate(vals)
+        join_to(plan[i], x, eqn, vals) if i in plan else x for i, x in enumerate(vals)
     ]
 
 
