@@ -31,6 +31,7 @@ closed_call_p = getattr(_prims, "closed_call_p", None)
 call_p = getattr(_prims, "call_p", None)
 name_p = getattr(_prims, "name_p", None)
 stop_gradient_p = getattr(_prims, "stop_gradient_p", None)
+copy_p = getattr(_prims, "copy_p", None)
 
 
 def weak_scalar_like(value, dtype, weak_type: bool):

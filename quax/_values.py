@@ -253,6 +253,21 @@ class ArrayValue(Value):
             return None
         return leaves, ft.partial(jtu.tree_unflatten, treedef)
 
+    # -- one kind for two: where a `cond`'s branches or a loop's carry disagree --
+
+    def join(self, other: Any) -> "ArrayValue | None":
+        """`other` (a plain array of this value's shape and dtype, or another value
+        of this class) re-expressed exactly as a value of a kind that can hold this
+        value too, so a `cond` whose branches return this value and `other`, or a
+        loop carry that starts as `other`, need not materialise either.
+
+        Return a value of this class whose `materialise()` equals `other` as an
+        array, with the same derivatives, and whose kind (static fields, leaf shapes
+        and dtypes) `K` is also the kind of `result.join(self)`; or None (the
+        default): quax materialises both. Read only this value's kind, never its
+        leaves (they may be abstract `jax.ShapeDtypeStruct`s)."""
+        return None
+
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of unsized object")
