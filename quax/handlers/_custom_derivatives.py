@@ -46,6 +46,8 @@ from ._common import (
     OperandSpec,
     dense,
     flatten_operands,
+    join_kinds,
+    join_to,
     leaf_specs,
     unflatten_operands,
     value_type,
@@ -89,7 +91,7 @@ class _Call:
     def primal(self, *leaves: Any) -> list[Any]:
         """The new custom function's primal: the walked call, its outputs as leaves
         (kept values flattened, the others materialised)."""
-        outs = [x if _keeps(x) else self.dense(x) for x in self.walk_primal(leaves)]
+        outs = [self.keep(x) for x in self.walk_primal(leaves)]
         self._out_types = tuple(value_type(x) for x in outs)
         out_leaves, self.out_spec = flatten_operands(outs)
         return out_leaves
@@ -114,6 +116,8 @@ class _Call:
                 result.append(self.dense(x))
             elif value_type(x) == kind:
                 result.append(x)
+            elif value_type(kept := self.keep(x)) == kind:
+                result.append(kept)
             else:
                 if again is None:
                     again = self.walk_primal(leaves)
@@ -122,6 +126,21 @@ class _Call:
 
     def dense(self, x: Any) -> Any:
         return dense(x, self.eqn, self.abstract_operands)
+
+    def keep(self, x: Any) -> Any:
+        """An output of the primal as the new call returns it: the value itself if
+        it is kept (`_keeps`); else, if its class can `join` a plain array into a
+        kind that is kept (a frozen LoRA weight into an unfrozen one, whose `w`
+        takes the tangent), joined; else materialised."""
+        if _keeps(x) or not isinstance(x, ArrayValue):
+            return x if _keeps(x) else self.dense(x)
+        aval = aval_of(x)
+        target = join_kinds([x, jax.ShapeDtypeStruct(aval.shape, aval.dtype)])
+        if target is not None:
+            joined = join_to(target, x, self.eqn, self.abstract_operands)
+            if _keeps(joined):
+                return joined
+        return self.dense(x)
 
     def outputs(self, out_leaves: Sequence[Any]) -> list[Any]:
         return unflatten_operands(out_leaves, self.out_spec)

@@ -384,6 +384,13 @@ class LoraArray(ArrayValue):
 
     # -- one kind for two (ArrayValue.join): where a `cond` or a loop disagrees --
 
+    def lift_tangent(self, tangent: Any) -> "LoraArray | None":
+        """A dense tangent rides on `w` (the adapters do not move); None when `w`
+        is frozen (its gradient is stopped) or itself a value."""
+        if self.frozen or isinstance(self.w, Value):
+            return None
+        return _replace(self, tangent, None, None)  # pyright: ignore[reportArgumentType]
+
     def join(self, other: Any) -> "LoraArray | None":
         """A plain array `x` becomes `LoraArray(w=x, a=0, b=0)` and another
         `LoraArray` stays itself, both not `frozen` unless both already are: a frozen
