@@ -19,6 +19,11 @@ while every matrix-vector product inside runs through the value's handlers (LoRA
 A value that a rule uses directly, not through a function (a lineax
 `MatrixLinearOperator` holding it), cannot be walked: then the value is materialised
 as for any primitive without a handler, and if it refuses, the error says why.
+
+equinox's loops and checks add first-order primitives of their own, each applied leaf
+by leaf so a value keeps its kind: `select_if_vmap` (a finished batch element keeps its
+carry; its two sides joined first when they differ) and the identities
+`nondifferentiable_backward`, `nontraceable`, `nonbatchable`.
 """
 
 from collections.abc import Sequence
@@ -78,6 +83,9 @@ def is_filter_primitive(eqn: Any) -> bool:
 
 @register_matcher(is_filter_primitive)
 def filter_primitive_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    """Bind the primitive again on its arguments with the values in place and its
+    closure-converted functions run under `quaxify`; if a rule uses a value directly,
+    materialise as without this handler."""
     args = _arguments(eqn, invals)
     walked = jtu.tree_map(
         lambda x: _Quaxified(x, eqn) if isinstance(x, _CLOSURES) else x,
