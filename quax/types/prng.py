@@ -129,7 +129,11 @@ class PRNG(ArrayValue):
         return self.random_bits(bit_width, shape)
 
     def random_split(self, /, *, shape: tuple[int, ...]) -> "PRNG":
-        return self._rewrap(jax.random.split(self.materialise(), shape))
+        # The primitive, not `jax.random.split`: it splits a batch of keys (under
+        # `vmap`) key by key, where `jax.random.split` accepts a single key only.
+        return self._rewrap(
+            jexc.primitives.random_split_p.bind(self.materialise(), shape=shape)
+        )
 
     def random_fold_in(self, msgs: ArrayLike, /) -> "PRNG":
         return self._rewrap(
