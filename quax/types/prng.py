@@ -68,7 +68,7 @@ class PRNG(ArrayValue):
     | primitive | result |
     |---|---|
     | `random_bits`, `random_unwrap` | plain arrays (bits, the key's data) |
-    | `random_split`, `random_fold_in` | keys of this class |
+    | `random_split`, `random_fold_in` (key by key for a batch of keys, as under `vmap`) | keys of this class |
     | `select_n` (`jnp.where`), any operand position | a key of this class |
     | any other primitive JAX defines on keys (`broadcast_in_dim`, `reshape`, `squeeze`, `slice`, `dynamic_slice`, `gather`, `concatenate`, `copy`, ...) | run on JAX's typed key; keys come back as this class (`default`) |
     | arithmetic, comparisons | `TypeError` while tracing (JAX refuses them on keys) |

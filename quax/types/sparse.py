@@ -52,8 +52,9 @@ class BCOO(ArrayValue):
     | `reduce_sum` | S / D | S when no sparse axis is summed, else D |
     | `reduce_max`, `reduce_min` | D | `n_batch = n_dense = 0` |
 
-    `scan` slices and stacks a BCOO along its leading batch dimension, so a stack of
-    sparse matrices can be scanned over without densifying it.
+    `scan` slices (`xs`) and stacks (`ys`) a BCOO along its leading batch dimension
+    (the `unstack`/`stack` hooks), so a stack of sparse matrices can be scanned over
+    without densifying it; `xs` without a batch dim materialise.
     """
 
     data: Shaped[Array, "..."]
