@@ -140,7 +140,10 @@ class PRNG(ArrayValue):
             jexc.primitives.random_fold_in_p.bind(self.materialise(), msgs)
         )
 
-    def random_unwrap(self, /) -> Array:
+    # `random_unwrap` (`jax.random.key_data`) is not among the primitives JAX exports,
+    # so a method of that name alone would not be recognised as its handler.
+    @handler("random_unwrap")
+    def _key_data(self, /, **params: Any) -> Array:
         return self.data
 
     @handler("select_n", operands="all")
