@@ -129,7 +129,10 @@ def judge(
 
 
 def _without_ids(text: str) -> str:
-    """An error message without the object ids it may print (`<... 1397719>`)."""
+    """An error message without what differs between two programs raising the same
+    error: object ids (`<... 1397719>`) and the source locations MLIR errors print
+    (`at loc("jit(...)"(callsite(...)))`)."""
+    text = re.sub(r"at loc\(.*", "at loc(...)", text)
     return re.sub(r"\b(0x[0-9a-f]+|\d{9,})\b", "<id>", text)
 
 
