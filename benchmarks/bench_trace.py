@@ -36,6 +36,28 @@ def lowerers(model, lora_model, x):
     return {"plain": plain, "first": (clear_caches, quaxified), "repeat": quaxified}
 
 
+def clear_all() -> None:
+    """From cold: JAX's caches (nested jits, lowering) and the library's."""
+    jax.clear_caches()
+    clear_caches()
+
+
+def measure_cold(res, name, desc, model, x, rounds, at_most=None):
+    """First trace + lower with every cache cleared before each timing, on both
+    sides (issue 10's first target)."""
+    lora_model = loraify(model, rank=8, key=jr.key(1))
+    ls = lowerers(model, lora_model, x)
+    times = interleave(
+        {"plain": (jax.clear_caches, ls["plain"]), "cold": (clear_all, ls["repeat"])},
+        rounds,
+    )
+    res.add_time(f"{name}_cold_plain_ms", f"{desc}: plain, cold", times["plain"])
+    res.add_time(f"{name}_cold_ms", f"{desc}: LoRA, cold", times["cold"])
+    cold = ratios(times["cold"], times["plain"])
+    res.add_ratio(f"{name}_cold_ratio", f"{desc}: cold / plain cold", cold, at_most)
+    return cold
+
+
 def measure(res, name, desc, model, x, rounds, at_most=None):
     lora_model = loraify(model, rank=8, key=jr.key(1))
     times = interleave(lowerers(model, lora_model, x), rounds)
@@ -59,6 +81,15 @@ def run(mode: str = "full") -> Results:
     mlp_rounds = 15 if mode == "full" else 2
     measure(res, "mlp", "MLP 8x512", mlp(8, 512, key=key), jnp.ones(512), mlp_rounds)
     measure(
+        res,
+        "transformer",
+        "transformer 12x256 seq128",
+        Transformer(12, 256, key=key),
+        tokens(128),
+        rounds,
+        at_most=1.10,
+    )
+    measure_cold(
         res,
         "transformer",
         "transformer 12x256 seq128",

@@ -15,6 +15,8 @@ from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
 from ._strict import STATE, Mode, check_mode, mode_for_call
 from ._values import Value, aval_of, is_value
 from ._walker import TraceCache, aval_key, static_key, treedef_key, walk_closed
+from .handlers._common import flatten_operands, unflatten_operands
+from .handlers._jit import jit_params, walk_to_jaxpr
 
 
 #: Traces of quaxified functions, shared by every `quaxify` wrapper.
@@ -60,10 +62,12 @@ class _Quaxify(eqx.Module):
         if not any(isinstance(x, Value) for x in leaves):
             return self.fn(*args, **kwargs)  # nothing to dispatch on: the original
         with mode_for_call(self.materialise):
-            return _call(leaves, treedef, passthrough, self.cache)
+            return _call(leaves, treedef, passthrough, self.cache, self.fn)
 
 
-def _call(leaves: list[Any], treedef: Any, passthrough: Any, cache: bool) -> Any:
+def _call(
+    leaves: list[Any], treedef: Any, passthrough: Any, cache: bool, fn: Any
+) -> Any:
     positions = [i for i, x in enumerate(leaves) if is_value(x) or _is_array(x)]
     inputs = [leaves[i] for i in positions]
     avals = [aval_of(x) if is_value(x) else jax.typeof(x) for x in inputs]
@@ -80,8 +84,11 @@ def _call(leaves: list[Any], treedef: Any, passthrough: Any, cache: bool) -> Any
         cached = cacheable and TRACES.put(key, *entry)
     closed_jaxpr, meta = entry
     fed = [inputs[k] for k in meta.keep]
-    use_compiled = cached and recorder is None
-    outvals = _run_compiled(closed_jaxpr, meta, fed) if use_compiled else None
+    outvals = None
+    if cached and recorder is None:
+        outvals = _run_compiled(closed_jaxpr, meta, fed)
+        if outvals is None:
+            outvals = _run_rewritten(closed_jaxpr, meta, fed, fn)
     if outvals is None:
         outvals = walk_closed(closed_jaxpr, fed)
     out_leaves = list(meta.out_leaves)
@@ -102,6 +109,10 @@ class _Meta:
         # None: not compiled yet; False: needs op-by-op (a handler needs concrete
         # values); else the `jax.jit` of the walk.
         self.compiled: Any = None
+        # None: not rewritten yet; False: walk every time; else the walked program
+        # as a jaxpr over the inputs' leaves, how to rebuild its outputs, and the
+        # params of the `jit` equation that calls it.
+        self.rewritten: Any = None
 
 
 def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] | None:
@@ -123,6 +134,33 @@ def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] |
     except _CONCRETE_ERRORS:
         meta.compiled = False
         return None
+
+
+def _run_rewritten(
+    closed_jaxpr: Any, meta: _Meta, fed: list[Any], fn: Any
+) -> list[Any] | None:
+    """Inside a `jit` or `make_jaxpr` trace, the walked program is a function of the
+    trace key alone: walk it once into a jaxpr over the inputs' leaves (cached with
+    the trace) and bind that as one `jit` equation, as `jax.jit` does for a function
+    it has traced before. None elsewhere (eagerly, or under `grad`/`vmap`, where
+    handlers may see their operands' tracers), and the caller walks."""
+    if meta.rewritten is False or _compat.staging_trace() is None:
+        return None
+    leaves, spec = flatten_operands(fed)
+    if meta.rewritten is None:
+        entry = walk_to_jaxpr(closed_jaxpr, fed, (False,) * len(fed), leaves, spec)
+        if entry is None:  # closed over an outer trace's tracers
+            meta.rewritten = False
+            return None
+        new_closed, out_spec = entry
+        name = getattr(fn, "__name__", type(fn).__name__)
+        meta.rewritten = (new_closed, out_spec, jit_params(name, new_closed))
+    new_closed, out_spec, params = meta.rewritten
+    if not new_closed.jaxpr.eqns:  # nothing to compute: forward, as `jit` would
+        out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
+    else:
+        out_leaves = _compat.jit_p.bind(*leaves, **params)
+    return unflatten_operands(out_leaves, out_spec)
 
 
 def _trace(leaves, treedef, passthrough, positions, avals):

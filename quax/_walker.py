@@ -20,6 +20,7 @@ import jax.extend.core as jexc
 import jax.extend.source_info_util as source_info_util
 import numpy as np
 
+from . import _compat
 from ._dispatch import (
     check_results,
     handler_operands,
@@ -50,6 +51,35 @@ def register(*prims: jexc.Primitive | None) -> Callable[[HigherOrderHandler], An
         return fn
 
     return decorator
+
+
+#: Higher-order primitives told apart by their equation rather than by object (each
+#: library makes its own equinox filter primitives): `(matches, handler)` pairs, asked
+#: in order when `HIGHER_ORDER` has no entry.
+HIGHER_ORDER_MATCHERS: list[tuple[Callable[[Any], bool], HigherOrderHandler]] = []
+
+
+def register_matcher(
+    matches: Callable[[Any], bool],
+) -> Callable[[HigherOrderHandler], Any]:
+    """Decorator: `fn(eqn, invals) -> outvals` handles every equation for which
+    `matches(eqn)` holds, when a value reaches it."""
+
+    def decorator(fn: HigherOrderHandler) -> HigherOrderHandler:
+        HIGHER_ORDER_MATCHERS.append((matches, fn))
+        return fn
+
+    return decorator
+
+
+def higher_order_handler(eqn: Any) -> HigherOrderHandler | None:
+    """quax's own handler for the higher-order equation `eqn`, or None."""
+    handler = HIGHER_ORDER.get(eqn.primitive)
+    if handler is None:
+        for matches, fn in HIGHER_ORDER_MATCHERS:
+            if matches(eqn):
+                return fn
+    return handler
 
 
 _ACTIVE = threading.local()
@@ -111,8 +141,10 @@ def dispatch_eqn(eqn: Any, invals: list[Any]) -> tuple[str, list[Any]]:
     with site(eqn.source_info), eqn_context(eqn):
         operands = handler_operands(eqn, invals)
         found = try_handlers(eqn, operands, eqn.params)
-        if found is NotImplemented and prim in HIGHER_ORDER:
-            return "built-in", HIGHER_ORDER[prim](eqn, invals)
+        if found is NotImplemented:
+            higher_order = higher_order_handler(eqn)
+            if higher_order is not None:
+                return "built-in", higher_order(eqn, invals)
         if found is NotImplemented:
             bind_params = prim.get_bind_params(eqn.params)
             found = try_defaults(eqn, operands, bind_params)
@@ -129,49 +161,66 @@ def walk(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     # The name stack is the same before every equation (each one's context is left
     # before the next), so it is read once.
     base_names = source_info_util.current_name_stack()
-    user_context = source_info_util.user_context
     if STATE.recorder is not None:  # once per walk, never per equation
         STATE.recorder.walking(jaxpr)
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
+    # Inside a `jit`/`make_jaxpr` trace, an equation no value reaches is copied into
+    # the trace rather than bound again (`_compat.copy_into_trace`).
+    stage = _compat.staging_trace()
+    copy_into_trace = _compat.copy_into_trace
     for ctx, run in _plan(jaxpr):
         # One entry of the equations' shared context (`ctx.manager`) per run of
         # equations that carry the same one: the same as entering it per equation.
         with ctx.manager:
-            for eqn, dead, foldable in run:
+            for eqn, dead, foldable, copyable in run:
                 invals = [v.val if type(v) is literal else env[v] for v in eqn.invars]
                 for x in invals:
                     if isinstance(x, value):
                         outvals = run_eqn(eqn, invals)
                         break
                 else:
-                    # `bind`, inlined: no value operand, so bind as `eval_jaxpr` does.
-                    prim = eqn.primitive
+                    # No value operand: copy the equation, or bind it as
+                    # `eval_jaxpr` does (`bind`, inlined).
                     info = eqn.source_info
                     names = info.name_stack
-                    with user_context(
-                        info.traceback,
-                        name_stack=base_names + names if len(names) else base_names,
-                    ):
-                        if (
-                            foldable
-                            and type(invals[0]) not in _NOT_LITERAL
-                            and _is_scalar_literal(invals[0])
-                        ):
-                            with jax.ensure_compile_time_eval():
-                                out = prim.bind(
-                                    *invals, **prim.get_bind_params(eqn.params)
-                                )
-                        else:
-                            out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
-                    outvals = out if prim.multiple_results else (out,)
+                    folds = (
+                        foldable
+                        and type(invals[0]) not in _NOT_LITERAL
+                        and _is_scalar_literal(invals[0])
+                    )
+                    outvals = None
+                    if copyable and stage is not None and not folds:
+                        if len(base_names):
+                            info = info.replace(name_stack=base_names + names)
+                        outvals = copy_into_trace(stage, eqn, invals, info)
+                    if outvals is None:
+                        outvals = _bind_plain(eqn, invals, base_names, folds)
                 for var, val in zip(eqn.outvars, outvals, strict=True):
                     env[var] = val  # a DropVar key is never read; it goes with `env`
                 for var in dead:
                     del env[var]
     return [v.val if type(v) is literal else env[v] for v in jaxpr.outvars]
+
+
+def _bind_plain(eqn: Any, invals: list[Any], base_names: Any, folds: bool) -> Any:
+    """Bind an equation with no value operand, in its source info and name stack;
+    `folds`: compute it now (a pure unary primitive on a scalar literal)."""
+    prim = eqn.primitive
+    info = eqn.source_info
+    names = info.name_stack
+    params = prim.get_bind_params(eqn.params)
+    with source_info_util.user_context(
+        info.traceback, name_stack=base_names + names if len(names) else base_names
+    ):
+        if folds:
+            with jax.ensure_compile_time_eval():
+                out = prim.bind(*invals, **params)
+        else:
+            out = prim.bind(*invals, **params)
+    return out if prim.multiple_results else (out,)
 
 
 #: Types that are never literals, learnt as they are seen (tracer classes first): a
@@ -204,7 +253,7 @@ _FOLDABLE = frozenset(
     "is_finite real imag conj square reduce_precision".split()
 )
 
-_Run = list[tuple[Any, tuple[Any, ...], bool]]
+_Run = list[tuple[Any, tuple[Any, ...], bool, bool]]
 _PLANS: "weakref.WeakKeyDictionary[Any, list[tuple[Any, _Run]]]" = (
     weakref.WeakKeyDictionary()
 )
@@ -240,7 +289,8 @@ def _plan(jaxpr: Any) -> list[tuple[Any, _Run]]:
         foldable = (
             len(eqn.invars) == 1 and not eqn.effects and eqn.primitive.name in _FOLDABLE
         )
-        plan[-1][1].append((eqn, tuple(d), foldable))
+        copyable = _compat.copyable(eqn)
+        plan[-1][1].append((eqn, tuple(d), foldable, copyable))
     with _PLANS_LOCK:  # a WeakKeyDictionary is not safe to write from two threads
         _PLANS[jaxpr] = plan
     return plan

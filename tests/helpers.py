@@ -102,3 +102,17 @@ def assert_matches_dense(
     expected = run_mode(fn, densify(args), mode, quaxed=False, argnum=argnum)
     assert tree_allclose(got, expected, rtol=rtol, atol=atol), (got, expected)
     return got
+
+
+def walked(closed: Any) -> Any:
+    """The program quax walked, from `jax.make_jaxpr(quax.quaxify(f))(...)`: inside a
+    trace, `quaxify` binds the walked program as one `jit` equation (named after `f`),
+    so look inside it. Any other jaxpr is returned as it is."""
+    eqns = closed.jaxpr.eqns
+    if len(eqns) == 1 and eqns[0].primitive.name in ("jit", "pjit"):
+        (eqn,) = eqns
+        if list(eqn.outvars) == list(closed.jaxpr.outvars) and list(eqn.invars) == list(
+            closed.jaxpr.invars
+        ):
+            return eqn.params["jaxpr"]
+    return closed

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from builders import BUILDERS, Opaque, Ruleless, Scaled, StaticZero
-from helpers import assert_matches_dense, densify, tree_allclose
+from helpers import assert_matches_dense, densify, tree_allclose, walked
 
 import quax
 
@@ -120,7 +120,7 @@ def test_platform_dependent_keeps_values():
         assert isinstance(out, Scaled)
         assert tree_allclose(out, 2.0 * densify(value))
     # The program still chooses by platform when it is lowered.
-    jaxpr = jax.make_jaxpr(quax.quaxify(_by_platform))(value)
+    jaxpr = walked(jax.make_jaxpr(quax.quaxify(_by_platform))(value))
     (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
     assert cond.params["branches_platforms"] == (("cpu",), None)
 

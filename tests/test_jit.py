@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from builders import BUILDERS, LowRank, Scaled, make_lowrank
-from helpers import assert_matches_dense, densify, tree_allclose
+from helpers import assert_matches_dense, densify, tree_allclose, walked
 
 import quax
 from quax.handlers._jit import JIT_TRACES
@@ -37,7 +37,7 @@ def test_32_repeated_blocks_are_walked_once(getkey):
 
 def test_jit_boundary_and_name_are_kept(getkey):
     w, _ = make_lowrank(getkey(), shape=(4, 4), rank=2)
-    jaxpr = jax.make_jaxpr(quax.quaxify(_model))([w, w], jnp.ones((2, 4)))
+    jaxpr = walked(jax.make_jaxpr(quax.quaxify(_model))([w, w], jnp.ones((2, 4))))
     jits = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "jit"]
     assert [e.params["name"] for e in jits] == ["block", "block"]
     # One input per leaf: h, then w, a, b of the LowRank.

@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
-from helpers import run_mode, tree_allclose
+from helpers import run_mode, tree_allclose, walked
 from hypothesis import given, settings, strategies as st
 
 import quax
@@ -69,7 +69,7 @@ def test_matmuls_stay_low_rank(mode, getkey):
 def test_lora_operand_traces_to_thin_products(getkey):
     lora = _lora(getkey(), shape=(16, 24), rank=2)
     x = jr.normal(getkey(), (24,))
-    closed = jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(lora, x)
+    closed = walked(jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(lora, x))
     shapes = [
         v.aval.shape
         for e in closed.jaxpr.eqns
@@ -656,7 +656,9 @@ def test_equinox_conv_any_dimension(dims, kwargs, getkey):
 def test_conv_traces_to_thin_products(getkey):
     conv = eqx.nn.Conv2d(8, 16, 3, key=getkey())
     model = loraify(conv, rank=2, key=getkey(), where=_every)
-    closed = jax.make_jaxpr(quax.quaxify(lambda m, x: m(x)))(model, jnp.ones((8, 7, 7)))
+    closed = walked(
+        jax.make_jaxpr(quax.quaxify(lambda m, x: m(x)))(model, jnp.ones((8, 7, 7)))
+    )
     shapes = [
         v.aval.shape
         for e in _all_eqns(closed.jaxpr)

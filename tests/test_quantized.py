@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
-from helpers import assert_matches_dense, tree_allclose
+from helpers import assert_matches_dense, tree_allclose, walked
 
 import quax
 from quax.lora import LoraArray, loraify, merge, trainable
@@ -130,7 +130,7 @@ def _float_arrays_of_shape(closed, shape):
 def test_per_channel_product_converts_only_as_the_dot_operand(getkey):
     wq = quantize(jr.normal(getkey(), (16, 24)), bits=4)
     x = jr.normal(getkey(), (24, 3))
-    closed = jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(wq, x)
+    closed = walked(jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(wq, x))
     found = _float_arrays_of_shape(closed, (16, 24))
     # The only full-size float is the integers converted, consumed by the dot alone.
     assert found == [("convert_element_type", ("dot_general",))], found

@@ -14,7 +14,7 @@ from builders import (
     Scaled,
     make_lowrank,
 )
-from helpers import assert_matches_dense, densify, tree_allclose
+from helpers import assert_matches_dense, densify, tree_allclose, walked
 
 import quax
 from quax._errors import HandlerResultError
@@ -43,7 +43,7 @@ def test_scan_over_layers_runs_handlers_in_body(getkey):
 def test_scan_over_layers_jaxpr_has_no_dense_weight(getkey):
     ws, _ = make_lowrank(getkey(), shape=(4, 3, 3), rank=2)
     LOWRANK_MATERIALISED.clear()
-    jax.make_jaxpr(quax.quaxify(_layers))(ws, jnp.ones((2, 3)))
+    walked(jax.make_jaxpr(quax.quaxify(_layers))(ws, jnp.ones((2, 3))))
     assert LOWRANK_MATERIALISED == []
 
 

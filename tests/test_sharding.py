@@ -8,7 +8,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import tree_allclose, walked
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import quax
@@ -108,7 +108,7 @@ def test_sharding_constraint_value(mesh, outside_jit):
         fn = jax.jit(fn)
     np.testing.assert_allclose(fn(lw, x), _dense(lw) @ x, rtol=1e-5, atol=1e-5)
     # The constraint reaches every leaf: three constraints, no materialisation.
-    jaxpr = jax.make_jaxpr(quax.quaxify(f))(lw, x)
+    jaxpr = walked(jax.make_jaxpr(quax.quaxify(f))(lw, x))
     prims = [e.primitive.name for e in jaxpr.jaxpr.eqns]
     assert prims.count("sharding_constraint") == 3
 

@@ -7,7 +7,7 @@ import jax.core
 import jax.numpy as jnp
 import pytest
 from builders import LOWRANK_MATERIALISED, make_lowrank
-from helpers import assert_matches_dense, densify, tree_allclose
+from helpers import assert_matches_dense, densify, tree_allclose, walked
 
 import quax
 from quax._errors import HandlerResultError
@@ -103,7 +103,7 @@ def test_xs_slices_reach_the_body_as_values(getkey):
     DIAG_MUL.clear()
     DIAG_MATERIALISED.clear()
     # Under a trace, the program is walked on every call (eager calls are cached).
-    jax.make_jaxpr(quax.quaxify(_layers))(ds, jnp.ones((2, 3)))
+    walked(jax.make_jaxpr(quax.quaxify(_layers))(ds, jnp.ones((2, 3))))
     # `mul` ran on a (3, 3) slice, and only slices were materialised, never the stack.
     assert (3, 3) in DIAG_MUL
     assert DIAG_MATERIALISED and set(DIAG_MATERIALISED) == {(3, 3)}
@@ -187,12 +187,12 @@ def test_zero_bias_in_scanned_layers_stays_zero(getkey):
         (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
         return [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns]
 
-    quaxed = body_eqns(jax.make_jaxpr(quax.quaxify(_biased_layers))(ws, bs, x))
+    quaxed = body_eqns(walked(jax.make_jaxpr(quax.quaxify(_biased_layers))(ws, bs, x)))
     dense = body_eqns(jax.make_jaxpr(_biased_layers)(ws, densify(bs), x))
     assert "add" in dense and "add" not in quaxed
     assert len(quaxed) < len(dense)
     # And nothing of the bias's size is an operand of the quaxified scan.
-    top = jax.make_jaxpr(quax.quaxify(_biased_layers))(ws, bs, x).jaxpr
+    top = walked(jax.make_jaxpr(quax.quaxify(_biased_layers))(ws, bs, x)).jaxpr
     assert all(v.aval.shape != (4, 3) for e in top.eqns for v in e.invars)
 
 

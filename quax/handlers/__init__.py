@@ -2,6 +2,7 @@
 
 - `_jit`: `jit` (nested `jax.jit`, and most `jax.numpy` functions).
 - `_custom_derivatives`: `custom_jvp_call`, `custom_vjp_call`.
+- `_equinox`: equinox's filter primitives (lineax's `linear_solve`).
 - `_cond`: `cond` (`lax.cond`, `lax.switch`).
 - `_loops`: `while` (`lax.while_loop`, `fori_loop`), `scan` (`lax.scan`, `lax.map`).
 - `_checkpoint`: `remat2` (`jax.checkpoint`), `closed_call`, `call`.
@@ -17,6 +18,7 @@ from . import (
     _checkpoint as _checkpoint,
     _cond as _cond,
     _custom_derivatives as _custom_derivatives,
+    _equinox as _equinox,
     _jit as _jit,
     _loops as _loops,
     _sharding as _sharding,

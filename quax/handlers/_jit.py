@@ -7,6 +7,7 @@ keeps the boundary. The walked jaxpr is cached per (inner jaxpr, operand treedef
 leaf avals): a block called 32 times with the same LoRA weights is walked once.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         key = (closed, literals, operands_key(leaves, spec), STATE.mode)
     entry = JIT_TRACES.get(key)
     if entry is None:
-        entry = _walk_to_jaxpr(closed, invals, folded, leaves, spec)
+        entry = walk_to_jaxpr(closed, invals, folded, leaves, spec)
         if entry is None:
             # The walked body closed over tracers of an outer trace: inline it.
             return walk_closed(closed, invals)
@@ -99,13 +100,17 @@ def _literal_key(x: Any) -> Any:
     return (static_key(x), aval.dtype, getattr(aval, "weak_type", False))
 
 
-def _walk_to_jaxpr(
+def walk_to_jaxpr(
     closed: Any,
-    invals: list[Any],
-    folded: tuple[bool, ...],
+    invals: Sequence[Any],
+    folded: Sequence[bool],
     leaves: list[Any],
     spec: Any,
-) -> Any:
+) -> tuple[Any, Any] | None:
+    """`closed` walked on `invals` inside a fresh trace: a ClosedJaxpr over `leaves`
+    (the flattened `invals` not `folded` into the body), and how to rebuild the
+    outputs from its results; None if the walk closed over tracers of an outer trace
+    (the result then cannot be reused or bound on its own)."""
     box: list[Any] = []
 
     def body(*inner_leaves):
@@ -122,3 +127,23 @@ def _walk_to_jaxpr(
     if any(isinstance(c, jax.core.Tracer) for c in new_closed.consts):
         return None
     return new_closed, box[0]
+
+
+def jit_params(name: str, closed: Any) -> dict[str, Any]:
+    """The params of a `jit` equation calling `closed` (every operand and result
+    unplaced, nothing donated), as `jax.jit` would make them in the current context
+    (its mesh, ...). Built from a traced `jax.jit` call: JAX has no public
+    constructor for them."""
+    (template,) = jax.make_jaxpr(jax.jit(_one_op))(np.float32(0)).jaxpr.eqns
+    params = dict(template.params)
+    n_in, n_out = len(closed.in_avals), len(closed.out_avals)
+    for per, n in ((_PER_INPUT, n_in), (_PER_OUTPUT, n_out)):
+        for param in per:
+            if param in params:
+                params[param] = (params[param][0],) * n
+    params.update(jaxpr=closed, name=name)
+    return params
+
+
+def _one_op(x: Any) -> Any:
+    return x + 1

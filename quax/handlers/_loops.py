@@ -5,8 +5,9 @@
 Values used as loop constants are closed over by the body, so their handlers run in
 every iteration. A carry stays a value only if one iteration returns it as the same
 kind of value (class, static fields, leaf shapes and dtypes); otherwise it is
-materialised on entry and at the end of the body, and the body is walked again until
-nothing changes (a fixed point, reached in at most one pass per carry). A value as
+materialised on entry and at the end of the body. The body is walked once, while JAX
+traces the loop; only when a value carry changes kind is that trace stopped and the
+loop traced again with it materialised (a fixed point, at most one pass per carry). A value as
 `xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
 its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
 returns None is materialised. Scans are emitted again through the public
@@ -33,7 +34,6 @@ from .._errors import (
 from .._values import ArrayValue, aval_of
 from .._walker import bind, register, walk_closed
 from ._common import (
-    abstract_call,
     dense,
     flatten_operands,
     leaf_specs,
@@ -53,17 +53,19 @@ the value."""
 
 @register(_compat.while_p)
 def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    carry = invals[n_cond + n_body :]
+    return _settled(lambda to_dense: _while(eqn, invals, carry, to_dense), len(carry))
+
+
+def _while(eqn: Any, invals: list[Any], carry: list[Any], to_dense: frozenset[int]):
+    """`while_handler` with the carries at `to_dense` materialised; raises
+    `_CarryChanged` if the body changes the kind of another carry."""
     params = eqn.params
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-
-    def step(carry: list[Any]) -> list[Any]:
-        return walk_closed(body_jaxpr, [*body_consts, *carry])
-
-    carry = invals[n_cond + n_body :]
-    to_dense = _settle(lambda c: abstract_call(step, c), carry, eqn)
     carry = _densify_at(carry, to_dense, eqn)
     cond_leaves, cond_spec = flatten_operands(cond_consts)
     body_leaves, body_spec = flatten_operands(body_consts)
@@ -85,7 +87,8 @@ def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         consts = unflatten_operands(leaves[:n_bc], body_spec)
         carry = unflatten_operands(leaves[n_bc:], carry_spec)
         outs = walk_closed(body_jaxpr, [*consts, *carry])
-        out_leaves, out_spec = flatten_operands(_densify_at(outs, to_dense, eqn))
+        outs = _check_kinds(carry, _densify_at(outs, to_dense, eqn), eqn)
+        out_leaves, out_spec = flatten_operands(outs)
         if out_spec != carry_spec:
             raise QuaxBugError(_MSG_BUG.format(what="while carry types changed"))
         return [_strong(x) if i in strong else x for i, x in enumerate(out_leaves)]
@@ -159,29 +162,31 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         outs = walk_closed(body, [*consts, *carry, *x])
         return outs[:n_carry], outs[n_carry:]
 
-    x_specs = [jtu.tree_map(_slice_spec, arrays) for arrays in xs]
-    to_dense = _settle(lambda c: abstract_call(step, c, x_specs)[0], carry, eqn)
     # How each `y` is stacked, from the (last) trace of the body: None for an array.
     stackers: list[Any] = []
 
-    def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
-        new_carry, ys = step(carry, x)
-        stackers.clear()
-        out = []
-        for y in ys:
-            arrays, stacker = _stack(y, length, eqn, ys)
-            out.append(arrays)
-            stackers.append(stacker)
-        return _densify_at(new_carry, to_dense, eqn), out
+    def scan(to_dense: frozenset[int]) -> tuple[Any, Any]:
+        def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+            new_carry, ys = step(carry, x)
+            new_carry = _check_kinds(carry, _densify_at(new_carry, to_dense, eqn), eqn)
+            stackers.clear()
+            out = []
+            for y in ys:
+                arrays, stacker = _stack(y, length, eqn, ys)
+                out.append(arrays)
+                stackers.append(stacker)
+            return new_carry, out
 
-    new_carry, ys = jax.lax.scan(
-        body_fn,
-        _densify_at(carry, to_dense, eqn),
-        xs,
-        length=length,
-        reverse=params["reverse"],
-        unroll=params["unroll"],
-    )
+        return jax.lax.scan(
+            body_fn,
+            _densify_at(carry, to_dense, eqn),
+            xs,
+            length=length,
+            reverse=params["reverse"],
+            unroll=params["unroll"],
+        )
+
+    new_carry, ys = _settled(scan, n_carry)
     ys = [
         arrays if stacker is None else stacker(arrays, var.aval)
         for arrays, stacker, var in zip(
@@ -242,25 +247,47 @@ def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
     return arrays, stacker
 
 
-def _settle(
-    abstract_step: Callable[[list[Any]], Sequence[Any]], carry: Sequence[Any], eqn: Any
-) -> frozenset[int]:
-    """The carry positions to materialise so one iteration preserves every carry's
-    kind. Each pass only adds positions, so this ends after at most len(carry)+1."""
+class _CarryChanged(Exception):
+    """Raised while tracing a loop body that changes the kind of the carries at
+    `positions` (a value becomes a plain array or another kind of value)."""
+
+    def __init__(self, positions: frozenset[int]):
+        super().__init__(positions)
+        self.positions = positions
+
+
+def _check_kinds(before: Sequence[Any], after: Sequence[Any], eqn: Any) -> list[Any]:
+    """`after` (one iteration's carries), if each keeps the kind it had `before`. A
+    plain carry that comes back a value is materialised at once (that changes
+    nothing on entry); a value carry whose kind changes stops the trace."""
+    after = list(after)
+    changed = set()
+    for i, (a, b) in enumerate(
+        zip(value_types(before), value_types(after), strict=True)
+    ):
+        if a is None and b is not None:
+            after[i] = dense(after[i], eqn, after)
+        elif a != b:
+            changed.add(i)
+    if changed:
+        raise _CarryChanged(frozenset(changed))
+    return after
+
+
+def _settled(emit: Callable[[frozenset[int]], Any], n_carry: int) -> Any:
+    """`emit(to_dense)`, where `to_dense` are the carry positions to materialise so
+    one iteration keeps every carry's kind. Found while tracing the real loop: a
+    body that changes a carry's kind stops its trace (`_CarryChanged`) and is traced
+    again with that carry materialised, so the body is walked once when the kinds
+    hold (the usual case) and at most `n_carry + 1` times."""
     to_dense: frozenset[int] = frozenset()
-    for _ in range(len(carry) + 1):
-        init = _densify_at(carry, to_dense, eqn)
-        out = abstract_step(init)
-        changed = {
-            i
-            for i, (before, after) in enumerate(
-                zip(value_types(init), value_types(out), strict=True)
-            )
-            if i not in to_dense and before != after
-        }
-        if not changed:
-            return to_dense
-        to_dense = to_dense | changed
+    for _ in range(n_carry + 1):
+        try:
+            return emit(to_dense)
+        except _CarryChanged as changed:
+            if changed.positions <= to_dense:
+                break
+            to_dense = to_dense | changed.positions
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
