@@ -462,14 +462,13 @@ class Kronecker(_Matrix):
     | `dot_general` with a `Kronecker` of conforming factors | `Kronecker` (mixed products) |
     | `transpose` | `Kronecker` of the transposed factors |
     | `mul` by a scalar, `div` by a scalar, `neg` | `Kronecker` (applied to `left`) |
-    | `add`/`sub` with a `Kronecker` sharing a factor (the same array) | `Kronecker`: `A ⊗ B + A ⊗ C = A ⊗ (B + C)`, `A ⊗ C + B ⊗ C = (A + B) ⊗ C` |
-    | `add`/`sub` with any other `Kronecker` | materialised (a sum of Kronecker products is not one in general) |
     | `convert_element_type` | `Kronecker` |
-    | anything else | materialised |
+    | `add`/`sub` (with a `Kronecker` too), anything else | materialised |
 
-    A shared factor is recognised by identity (`k1.left is k2.left`), as when both
-    products are built from the same array in one traced function; equal arrays
-    that are distinct objects (two arguments of `quaxify`) are not compared by value.
+    A sum of Kronecker products is one only when they share a factor
+    (`A ⊗ B + A ⊗ C = A ⊗ (B + C)`), and whether two traced factors are equal is
+    known only when the program runs, not while quax traces it (two uses of one
+    array reach a handler as distinct tracers): so `add` and `sub` materialise.
     """
 
     left: Any
@@ -561,32 +560,6 @@ class Kronecker(_Matrix):
             return x.astype(new_dtype)
 
         return Kronecker(quaxify(convert)(self.left), quaxify(convert)(self.right))
-
-    @handler("add", "radd", "add_any", "radd_any")
-    def _add(self, other: "Kronecker", /, **params):
-        """Sharing a factor: the other factors add."""
-        return self._combine(other, jnp.add)
-
-    @handler("sub")
-    def _sub(self, other: "Kronecker", /, **params):
-        return self._combine(other, jnp.subtract)
-
-    @handler("rsub")
-    def _rsub(self, other: "Kronecker", /, **params):
-        return other._combine(self, jnp.subtract)
-
-    # -- private --
-
-    def _combine(self, other: "Kronecker", fn: Callable[[Any, Any], Any]) -> Any:
-        """`fn(self, other)` for a linear `fn` (add, subtract) when the two share a
-        factor, else NotImplemented (materialise)."""
-        if _shape(self.left) != _shape(other.left) or self.dtype != other.dtype:
-            return NotImplemented
-        if self.left is other.left:
-            return Kronecker(self.left, quaxify(fn)(self.right, other.right))
-        if self.right is other.right:
-            return Kronecker(quaxify(fn)(self.left, other.left), self.right)
-        return NotImplemented
 
 
 def solve(matrix: TridiagonalMatrix | Diagonal | Identity, b: ArrayLike) -> Array:
