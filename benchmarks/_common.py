@@ -153,6 +153,20 @@ def tokens(seq: int, vocab: int = 1000) -> Any:
     return jnp.arange(seq, dtype=jnp.int32) % vocab
 
 
+def walked(closed: Any) -> Any:
+    """The program a library walked, from `jax.make_jaxpr(quaxify(f))(...)`: ours
+    binds it as one `jit` equation inside a trace, so look inside that; otherwise
+    (the Quax library) the jaxpr itself."""
+    eqns = closed.jaxpr.eqns
+    if len(eqns) == 1 and eqns[0].primitive.name in ("jit", "pjit"):
+        (eqn,) = eqns
+        if list(eqn.invars) == list(closed.jaxpr.invars) and list(eqn.outvars) == list(
+            closed.jaxpr.outvars
+        ):
+            return eqn.params["jaxpr"]
+    return closed
+
+
 def count_eqns(jaxpr: Any) -> tuple[int, int]:
     """(top-level equations, equations including those of every sub-jaxpr)."""
     import jax.extend.core as jexc

@@ -9,7 +9,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from _adapters import Box, clear_caches
-from _common import Results, interleave, main, ratios
+from _common import Results, interleave, main, ratios, walked
 
 import quax
 
@@ -73,7 +73,7 @@ def run(mode: str = "full") -> Results:
     res.add_ratio(
         "repeat_us_per_eqn", "repeated trace: us per eqn", repeat_us, unit="us"
     )
-    n_out = len(jax.make_jaxpr(quax.quaxify(f))(v, x).jaxpr.eqns)
+    n_out = len(walked(jax.make_jaxpr(quax.quaxify(f))(v, x)).jaxpr.eqns)
     res.add("eqns_out", "equations in the quaxified jaxpr", n_out)
     return res
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _adapters import Box, clear_caches, count_walks, have_lora, loraify
-from _common import Results, count_eqns, interleave, main, ratios
+from _common import Results, count_eqns, interleave, main, ratios, walked
 
 import quax
 
@@ -64,7 +64,7 @@ def run(mode: str = "full") -> Results:
         desc = "same layer" if name == "same" else f"{calls} layers"
         clear_caches()
         with count_walks() as walks:
-            closed = jax.make_jaxpr(quax.quaxify(f))(arg, x)
+            closed = walked(jax.make_jaxpr(quax.quaxify(f))(arg, x))
         res.add(
             f"{name}_walks",
             f"{desc}: walks of the block",

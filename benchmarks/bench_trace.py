@@ -36,6 +36,32 @@ def lowerers(model, lora_model, x):
     return {"plain": plain, "first": (clear_caches, quaxified), "repeat": quaxified}
 
 
+def measure_repeat_trace(res, name, desc, model, x, rounds, at_most=None):
+    """Tracing alone (`jax.jit(f).trace`, no lowering), the library's caches warm
+    (issue 10: a repeated trace binds the cached walked program)."""
+    lora_model = loraify(model, rank=8, key=jr.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    lparams, lstatic = eqx.partition(lora_model, eqx.is_array)
+
+    def plain():
+        return jax.jit(lambda p, x: eqx.combine(p, static)(x)).trace(params, x)
+
+    def repeat():
+        fn = lambda p, x: quax.quaxify(eqx.combine(p, lstatic))(x)
+        return jax.jit(fn).trace(lparams, x)
+
+    times = interleave({"plain": plain, "repeat": repeat}, rounds)
+    res.add_time(f"{name}_trace_plain_ms", f"{desc}: plain, trace only", times["plain"])
+    res.add_time(
+        f"{name}_trace_repeat_ms", f"{desc}: LoRA, trace only, warm", times["repeat"]
+    )
+    r = ratios(times["repeat"], times["plain"])
+    res.add_ratio(
+        f"{name}_trace_repeat_ratio", f"{desc}: warm trace / plain trace", r, at_most
+    )
+    return r
+
+
 def clear_all() -> None:
     """From cold: JAX's caches (nested jits, lowering) and the library's."""
     jax.clear_caches()
@@ -97,6 +123,15 @@ def run(mode: str = "full") -> Results:
         tokens(128),
         rounds,
         at_most=1.10,
+    )
+    measure_repeat_trace(
+        res,
+        "transformer",
+        "transformer 12x256 seq128",
+        Transformer(12, 256, key=key),
+        tokens(128),
+        rounds,
+        at_most=0.10,
     )
     depths = (2, 4, 8, 16, 32) if mode == "full" else (2, 8)
     for depth in depths:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _adapters import Zero, have_zero
-from _common import Results, count_eqns, main, mlp
+from _common import Results, count_eqns, main, mlp, walked
 
 import quax
 
@@ -53,7 +53,7 @@ def run(mode: str = "full") -> Results:
     for key, desc, f_dense, f_zero, dense_args, zero_args in cases:
         # (a model is called as a function: its arrays are constants of the jaxpr)
         dense = count_eqns(jax.make_jaxpr(f_dense)(*dense_args))
-        zero = count_eqns(jax.make_jaxpr(quax.quaxify(f_zero))(*zero_args))
+        zero = count_eqns(walked(jax.make_jaxpr(quax.quaxify(f_zero))(*zero_args)))
         res.add(f"{key}_dense", f"{desc}: equations, dense zeros", dense[0])
         res.add(f"{key}_zero", f"{desc}: equations, Zero", zero[0])
         res.add(f"{key}_dense_nested", f"{desc}: nested equations, dense", dense[1])

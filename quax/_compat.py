@@ -31,6 +31,7 @@ closed_call_p = getattr(_prims, "closed_call_p", None)
 call_p = getattr(_prims, "call_p", None)
 name_p = getattr(_prims, "name_p", None)
 stop_gradient_p = getattr(_prims, "stop_gradient_p", None)
+copy_p = getattr(_prims, "copy_p", None)
 
 
 def weak_scalar_like(value, dtype, weak_type: bool):
@@ -144,6 +145,7 @@ try:  # private; see the section comment
     _StagingTracer = _pe.DynamicJaxprTracer
     _TracingEqn = _pe.TracingEqn
     _staging_rules = _pe.custom_staging_rules
+    _Ref = _core.Ref
 except (ImportError, AttributeError):  # another JAX: the walker binds
     _COPY_OK = False
 
@@ -161,18 +163,47 @@ def staging_trace() -> Any:
     return trace
 
 
+#: Primitives whose staging rule (JAX 0.10.2) only calls the default one.
+_DEFAULT_STAGING = frozenset(("broadcast_in_dim", "reshape", "iota", "dynamic_slice"))
+
+
+def current_trace() -> Any:
+    """The innermost active trace (JAX 0.10.2: no public accessor)."""
+    from jax._src import core  # private; see docstring
+
+    return core.trace_ctx.trace
+
+
+def release_trace(trace: Any) -> None:
+    """Drop what a staging trace stopped by an exception holds (its equations and
+    constants), as JAX does for a trace that ends normally (`invalidate`, JAX 0.10.2:
+    an exception skips it). Other traces are left alone."""
+    if type(trace).__name__ == "DynamicJaxprTrace" and hasattr(trace, "invalidate"):
+        trace.invalidate()
+
+
 def copyable(eqn: Any) -> bool:
     """Whether `eqn` may be copied rather than bound: no effects (their input indices
-    are resolved at bind time), no staging rule of its own, no mutable state."""
+    are resolved at bind time), no staging rule that does more than the default one
+    (a nested `jit` is copied unless it is to be inlined or holds mutable state), no
+    mutable state."""
     if _COPY_OK is False:
         return False
     prim = eqn.primitive
-    return (
-        not eqn.effects
-        and prim not in _staging_rules
-        and not prim.ref_allocating
-        and not any(getattr(v.aval, "has_qdd", False) for v in eqn.outvars)
-    )
+    if eqn.effects or prim.ref_allocating:
+        return False
+    if any(getattr(v.aval, "has_qdd", False) for v in eqn.outvars):
+        return False
+    if prim not in _staging_rules or prim.name in _DEFAULT_STAGING:
+        return True
+    if prim is jit_p:
+        params = eqn.params
+        return (
+            not params.get("inline", False)
+            and not params.get("compiler_options_kvs")
+            and not any(isinstance(c, _Ref) for c in params["jaxpr"].consts)
+        )
+    return False
 
 
 def copy_into_trace(trace: Any, eqn: Any, invals: list[Any], source_info: Any) -> Any:

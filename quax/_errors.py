@@ -112,6 +112,11 @@ _MSG_BAD_MATERIALISE: Final = """\
 quax: {cls}.materialise() returned {got}, but {cls}.aval() says {expected}.
 To fix: make `aval()` and `materialise()` agree on shape and dtype."""
 
+_MSG_BAD_AVAL: Final = """\
+quax: {cls}.aval() returned {got}, not an abstract value.
+To fix: return `jax.core.ShapedArray(shape, dtype)` from {cls}.aval(): the shape and \
+dtype this value stands for (what `materialise()` returns)."""
+
 _MSG_NOT_CALLABLE: Final = """\
 quax: `quaxify` expects a callable (a function, a bound method or an equinox Module \
 with `__call__`), but got {got!r} of type {type}.

@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import (
+    _MSG_BAD_AVAL,
     _MSG_BAD_MATERIALISE,
     _MSG_PRIMITIVE_ATTRIBUTE,
     HandlerResultError,
@@ -39,8 +40,19 @@ def is_value(x: Any) -> bool:
 
 def aval_of(value: "Value") -> Any:
     """`value.aval()`, without the bound-method object equinox builds on every method
-    access (about 35 us each, on the hot path of every call and equation)."""
-    return type(value).aval(value)
+    access (about 35 us each, on the hot path of every call and equation); a
+    `HandlerResultError` if it is not an abstract value with a shape and dtype."""
+    aval = type(value).aval(value)
+    if type(aval) is not jax.core.ShapedArray and not (
+        isinstance(aval, jax.core.AbstractValue)
+        and hasattr(aval, "shape")
+        and hasattr(aval, "dtype")
+    ):
+        got = f"{aval!r} (a {type(aval).__name__})"
+        raise HandlerResultError(
+            _MSG_BAD_AVAL.format(cls=type(value).__name__, got=got)
+        )
+    return aval
 
 
 def _is_method_like(attr: Any) -> bool:
@@ -241,6 +253,21 @@ class ArrayValue(Value):
             return None
         return leaves, ft.partial(jtu.tree_unflatten, treedef)
 
+    # -- one kind for two: where a `cond`'s branches or a loop's carry disagree --
+
+    def join(self, other: Any) -> "ArrayValue | None":
+        """`other` (a plain array of this value's shape and dtype, or another value
+        of this class) re-expressed exactly as a value of a kind that can hold this
+        value too, so a `cond` whose branches return this value and `other`, or a
+        loop carry that starts as `other`, need not materialise either.
+
+        Return a value of this class whose `materialise()` equals `other` as an
+        array, with the same derivatives, and whose kind (static fields, leaf shapes
+        and dtypes) `K` is also the kind of `result.join(self)`; or None (the
+        default): quax materialises both. Read only this value's kind, never its
+        leaves (they may be abstract `jax.ShapeDtypeStruct`s)."""
+        return None
+
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of unsized object")
@@ -432,7 +459,7 @@ class ArrayValue(Value):
 
     # -- derivatives: how tangents and cotangents cross `materialise()` --
     # Used where a custom derivative rule (`jax.custom_jvp`, `jax.custom_vjp`) runs on
-    # dense tangents: quax/handlers/_custom_derivatives.py. Neither is a handler.
+    # dense tangents: quax/handlers/_custom_derivatives.py. None is a handler.
 
     def pushforward(self, tangent: Any) -> Any:
         """The dense tangent of `materialise()` when this value's leaves move along
@@ -449,6 +476,21 @@ class ArrayValue(Value):
         cotangent, never `w + a @ b`). The default differentiates `materialise()`."""
         _, pull = jax.vjp(lambda v: materialise(v), self)
         return pull(cotangent)[0]
+
+    def lift_tangent(self, tangent: Any) -> Any:
+        """Tangents for this value's leaves (a pytree like `self`; None for a leaf
+        that does not move) whose `pushforward` is the dense `tangent`, for every
+        `tangent`: a right inverse of `pushforward`, linear in `tangent`. Return None
+        (the default) when this value cannot carry every tangent (a `Zero` has no
+        leaves; `w + a @ b` with `w` frozen has low rank).
+
+        With it, a value that a custom derivative rule (`jax.nn.relu`, `logaddexp`,
+        a user's `jax.custom_jvp`) returns stays a value under differentiation: the
+        rule's dense tangent is lifted onto the leaves (and a cotangent goes back by
+        its transpose). Without it such an output is materialised. A dense wrapper
+        (`materialise()` returns a leaf) returns `type(self)(tangent)`."""
+        del tangent
+        return None
 
 
 def _operand_ok(x: Any) -> bool:

@@ -1,5 +1,6 @@
 """`lax.cond` / `lax.switch` with values among the branch operands (issue 3)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -88,7 +89,7 @@ def test_value_index_is_materialised():
 def test_cond_under_jit_keeps_one_cond(getkey):
     value, _ = BUILDERS["ruleless"](getkey())
     fn = quax.quaxify(lambda p, x: _two_way(p, x, 1.0))
-    jaxpr = jax.make_jaxpr(fn)(True, value)
+    jaxpr = walked(jax.make_jaxpr(fn)(True, value))
     names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     assert names.count("cond") == 1
 
@@ -171,3 +172,96 @@ def test_refusal_of_a_value_index():
     with pytest.raises(quax.NoHandlerError) as info:
         quax.quaxify(fn)(_OpaqueIndex(jnp.asarray(1, jnp.int32)), jnp.ones(3))
     _assert_names(info.value, "cond", "_OpaqueIndex")
+
+
+# -- one kind for both branches: `ArrayValue.join` (issue 12.2) -------------------------
+
+
+def _lora(getkey, allow_materialise: bool = False):
+    """A default (frozen, refusing) 4x4 LoRA weight with a non-zero update."""
+    w = jax.random.normal(getkey(), (4, 4))
+    lora = quax.lora.LoraArray(
+        w, rank=2, key=getkey(), allow_materialise=allow_materialise
+    )
+    return eqx.tree_at(lambda x: x.b, lora, jax.random.normal(getkey(), lora.b.shape))
+
+
+def _pick(p, w, d, x):
+    """A LoRA weight in one branch and a plain (differentiated) array in the other,
+    used only in a matrix product."""
+    return jax.lax.cond(p, lambda w, d: w, lambda w, d: d, w, d) @ x
+
+
+@pytest.mark.parametrize("p", [True, False])
+def test_lora_and_dense_branches_join_without_materialising(p, getkey):
+    lora = _lora(getkey)  # refuses to materialise: the join must keep it symbolic
+    d, x = jax.random.normal(getkey(), (4, 4)), jax.random.normal(getkey(), (4,))
+    p = jnp.asarray(p)
+
+    def loss(lora, d, x):
+        return jnp.sum(jnp.sin(quax.quaxify(_pick)(p, lora, d, x)))
+
+    def dense_loss(lora, d, x):
+        return jnp.sum(jnp.sin(_pick(p, quax.lora.merge(lora), d, x)))
+
+    assert jnp.allclose(loss(lora, d, x), dense_loss(lora, d, x), atol=1e-5)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(lora, d, x)
+    expected = jax.grad(dense_loss, argnums=(0, 1, 2))(lora, d, x)
+    # The dense branch's array keeps its gradient (a joined LoRA is not frozen), and
+    # the frozen weight still gets none.
+    (g_lora, g_d, g_x), (e_lora, e_d, e_x) = grads, expected
+    assert tree_allclose((g_lora.a, g_lora.b, g_d, g_x), (e_lora.a, e_lora.b, e_d, e_x))
+    assert not jnp.any(g_lora.w)
+    assert bool(jnp.any(g_d != 0)) is not bool(p)
+
+
+def test_joined_output_is_a_lora_weight(getkey):
+    lora = _lora(getkey)
+    fn = lambda p, w, d: jax.lax.cond(p, lambda w, d: w, lambda w, d: d, w, d)
+    d = jnp.ones((4, 4))
+    for p in (True, False):
+        out = quax.quaxify(fn)(jnp.asarray(p), lora, d)
+        assert isinstance(out, quax.lora.LoraArray) and not out.frozen
+        expected = quax.lora.merge(lora) if p else d
+        assert jnp.allclose(quax.lora.merge(out), expected, atol=1e-6)
+
+
+def test_frozen_and_unfrozen_lora_join(getkey):
+    # `2.0 * w` is an unfrozen LoRA weight; `w` is frozen: both become unfrozen.
+    lora, x = _lora(getkey), jnp.arange(4.0)
+    fn = lambda p, w, x: jax.lax.cond(p, lambda w: w, lambda w: 2.0 * w, w) @ x
+    for p in (True, False):
+        got = quax.quaxify(fn)(jnp.asarray(p), lora, x)
+        assert jnp.allclose(got, fn(p, quax.lora.merge(lora), x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loop", ["while", pytest.param("scan", marks=pytest.mark.slow)]
+)
+def test_loop_carry_that_becomes_a_lora_weight_joins(loop, getkey):
+    # The carry starts as a plain array and the body makes it the LoRA weight (as
+    # optimistix's solver state does): the carry is joined, never materialised.
+    lora, x = _lora(getkey), jax.random.normal(getkey(), (4,))
+
+    def fn(w, x, n):
+        def body(i, carry):
+            m, v = carry
+            return w, m @ v + x
+
+        init = (jnp.zeros((4, 4)), x)
+        if loop == "while":
+            return jax.lax.fori_loop(0, n, body, init)[1]
+        return jax.lax.fori_loop(0, 3, body, init)[1]
+
+    n = jnp.asarray(3)  # a traced bound: `while`; the scan has a static one
+    got = jax.jit(quax.quaxify(fn))(lora, x, n)
+    assert jnp.allclose(got, fn(quax.lora.merge(lora), x, n), atol=1e-4)
+    # Reverse mode runs through the scan (a static bound).
+    g = jax.grad(lambda w: jnp.sum(quax.quaxify(fn)(w, x, 3)))(lora)
+    e = jax.grad(lambda w: jnp.sum(fn(quax.lora.merge(w), x, 3)))(lora)
+    assert tree_allclose((g.a, g.b), (e.a, e.b), atol=1e-4)
+
+
+def test_classes_without_join_still_materialise(getkey):
+    value, _ = BUILDERS["scaled"](getkey())
+    assert value.join(jnp.zeros(value.shape)) is None

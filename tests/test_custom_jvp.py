@@ -6,15 +6,21 @@ them (LowRank: `w + a @ b`), at points where the custom rule differs from
 differentiating the primal.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 from builders import LowRank, Scaled
 from helpers import densify, tree_allclose
 
 import quax
+from quax.zero import Zero
 
 
 @jax.custom_jvp
@@ -169,8 +175,6 @@ def test_grad_of_adapters_through_a_user_rule():
 
 
 def test_relu_of_zero_is_zero_and_differentiates():
-    from quax.zero import Zero
-
     z = Zero((3,), jnp.float32)
     assert isinstance(quax.quaxify(jax.nn.relu)(z), Zero)
     assert isinstance(jax.jit(quax.quaxify(jax.nn.relu))(z), Zero)
@@ -180,3 +184,188 @@ def test_relu_of_zero_is_zero_and_differentiates():
     got = jax.grad(lambda x: quax.quaxify(f)(z, x))(x)
     expected = jax.grad(lambda x: f(jnp.zeros(3), x))(x)
     assert tree_allclose(got, expected)
+
+
+def test_a_zero_output_of_a_perturbed_call_keeps_the_rule():
+    # `z * x` is a `Zero`, but the rule gives it the tangent of `x`: a `Zero` cannot
+    # carry it, so the output is materialised and the derivative is the rule's.
+    @jax.custom_jvp
+    def f(z, x):
+        return z * x
+
+    f.defjvp(lambda p, t: (p[0] * p[1], t[1]))
+    z, x = Zero((3,), jnp.float32), jnp.array([1.0, -2.0, 3.0])
+    got = jax.grad(lambda x: quax.quaxify(lambda z, x: jnp.sum(f(z, x) + x))(z, x))(x)
+    assert tree_allclose(got, jnp.full(3, 2.0))
+
+
+# -- output values stay values when their class lifts tangents (issue 13.5) -------------
+
+
+def _unwrap(x: Any) -> Any:
+    return x.array if isinstance(x, Dense) else x
+
+
+class Dense(quax.ArrayValue):
+    """A dense array that every first-order primitive keeps wrapped (`default`), and
+    whose derivatives cross `materialise()` unchanged, so it lifts every tangent."""
+
+    array: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.array.shape, self.array.dtype)
+
+    def materialise(self):
+        return self.array
+
+    @staticmethod
+    def default(primitive, operands, params):
+        cls = next(type(x) for x in operands if isinstance(x, Dense))
+        out = primitive.bind(*[_unwrap(x) for x in operands], **params)
+        return [cls(o) for o in out] if primitive.multiple_results else cls(out)
+
+    def pushforward(self, tangent):
+        return tangent.array
+
+    def pullback(self, cotangent):
+        return Dense(cotangent)
+
+    def lift_tangent(self, tangent) -> "Dense | None":
+        return type(self)(tangent)
+
+
+class Unlifted(Dense):
+    """`Dense` that lifts no tangent: outputs of custom rules are materialised."""
+
+    def lift_tangent(self, tangent):
+        return None
+
+
+class Doubled(quax.ArrayValue):
+    """`2 * array`, kept by `relu` (`max` with 0): lifting a tangent halves it, so
+    the lift and its transpose are not the identity."""
+
+    array: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.array.shape, self.array.dtype)
+
+    def materialise(self):
+        return 2.0 * self.array
+
+    def max(self, other: Any, /, **params):
+        if isinstance(other, jax.core.Tracer) or np.any(np.asarray(other) != 0):
+            return NotImplemented
+        return Doubled(jnp.maximum(self.array, 0.0))
+
+    def pushforward(self, tangent):
+        return 2.0 * tangent.array
+
+    def pullback(self, cotangent):
+        return Doubled(2.0 * cotangent)
+
+    def lift_tangent(self, tangent):
+        return Doubled(tangent / 2.0)
+
+
+# Exact zeros (relu's kink, sinc's removable singularity) and large entries.
+_X = jnp.array([-1.0, 0.0, 0.5, 2.0])
+_Y = jnp.array([0.3, -0.2, 0.0, 1.0])
+_WEIGHTS = jnp.arange(1.0, 5.0)
+
+
+def derivatives(
+    fn: Callable, wrap: Callable, quaxed: bool, forward: bool = True
+) -> Any:
+    """Derivatives of `sum(fn(v) * weights)` for `v = wrap(x)`, quaxified (else on
+    `v` materialised), in one jit: `jax.grad` in `x` outside quaxify (of the
+    function, of its `jax.jit`, per row under `jax.vmap`), `jax.grad` in `v` inside
+    quaxify, and with `forward`, `jax.jvp` in `x`."""
+    call = quax.quaxify(fn) if quaxed else fn
+
+    def value(x):
+        return wrap(x) if quaxed else densify(wrap(x))
+
+    def loss(x):
+        return jnp.sum(densify(call(value(x))) * _WEIGHTS)
+
+    def inside(x):
+        grad = jax.grad(lambda v: jnp.sum(fn(v) * _WEIGHTS))
+        return densify((quax.quaxify(grad) if quaxed else grad)(value(x)))
+
+    def run(x, batch):
+        out = {
+            "grad": jax.grad(loss)(x),
+            "grad_of_jit": jax.grad(jax.jit(loss))(x),
+            "vmap_grad": jax.vmap(jax.grad(loss))(batch),
+            "grad_inside": inside(x),
+        }
+        if forward:
+            out["jvp"] = jax.jvp(loss, (x,), (_Y,))
+        return out
+
+    return jax.jit(run)(_X, jnp.stack([_X, _Y]))
+
+
+_LIFTED = {
+    "Dense-relu": (Dense, jax.nn.relu),
+    "Dense-logaddexp": (Dense, lambda a: jnp.logaddexp(a, _Y)),
+    "Doubled-relu": (Doubled, jax.nn.relu),
+    "Doubled-clip_grad": (Doubled, clip_grad),
+}
+
+
+#: In `make test-all` only (Doubled's lift is also checked through `clip_grad`).
+_SLOW = {"Doubled-relu"}
+
+
+def lifted_params(names: Any, slow: Any) -> list[Any]:
+    return [pytest.param(n, marks=pytest.mark.slow if n in slow else ()) for n in names]
+
+
+@pytest.mark.parametrize("name", lifted_params(sorted(_LIFTED), _SLOW))
+def test_custom_jvp_outputs_stay_values_with_dense_derivatives(name):
+    cls, fn = _LIFTED[name]
+    out = quax.quaxify(fn)(cls(_X))
+    jitted = jax.jit(quax.quaxify(fn))(cls(_X))
+    assert type(out) is cls and type(jitted) is cls
+    assert tree_allclose(densify(out), fn(densify(cls(_X))))
+    assert tree_allclose(densify(jitted), fn(densify(cls(_X))))
+    got = derivatives(fn, cls, quaxed=True)
+    expected = derivatives(fn, cls, quaxed=False)
+    assert tree_allclose(got, expected)
+
+
+def test_the_rule_is_kept_when_differentiated_after_tracing():
+    # `jax.grad(jax.jit(f))` traces `f` with nothing differentiated yet; the rule
+    # (derivative 3) must still be the one differentiated, not 2 x from the primal.
+    assert type(quax.quaxify(wrong_square)(Dense(_X))) is Dense
+    got = derivatives(wrong_square, Dense, quaxed=True)
+    assert tree_allclose(got, derivatives(wrong_square, Dense, quaxed=False))
+    for mode in ("grad", "grad_of_jit", "grad_inside"):
+        assert tree_allclose(got[mode], 3.0 * _WEIGHTS)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jax.nn.relu,
+        pytest.param(lambda a: jnp.logaddexp(a, _Y), marks=pytest.mark.slow),
+    ],
+    ids=["relu", "logaddexp"],
+)
+def test_a_type_that_lifts_no_tangent_is_materialised(fn):
+    out = jax.jit(quax.quaxify(fn))(Unlifted(_X))
+    assert not isinstance(out, quax.Value) and tree_allclose(out, fn(_X))
+    got = derivatives(fn, Unlifted, quaxed=True)
+    assert tree_allclose(got, derivatives(fn, Unlifted, quaxed=False))
+
+
+def test_a_bad_lift_is_an_error():
+    class BadLift(Dense):
+        def lift_tangent(self, tangent):
+            return Dense(tangent[:1])
+
+    loss = lambda x: jnp.sum(quax.quaxify(jax.nn.relu)(BadLift(x)).array)
+    with pytest.raises(quax.QuaxError, match="BadLift.lift_tangent` must return"):
+        jax.grad(loss)(_X)

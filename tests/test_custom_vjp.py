@@ -4,11 +4,21 @@ import functools as ft
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
 from builders import LowRank, Scaled
 from helpers import densify, tree_allclose
+from test_custom_jvp import (
+    _WEIGHTS,
+    _X,
+    Dense,
+    Doubled,
+    Unlifted,
+    derivatives,
+    lifted_params,
+)
 
 import quax
 
@@ -184,3 +194,60 @@ def test_refusing_type_pulls_back_through_its_hook():
         _refusing()
     )
     assert tree_allclose(jtu.tree_leaves(got), jtu.tree_leaves(expected))
+
+
+# -- output values stay values when their class lifts tangents (issue 13.5) -------------
+
+_LIFTED = {
+    "Dense-clip_gradient": (Dense, clip_gradient),
+    "Dense-nondiff_argnums": (Dense, lambda x: scaled_tanh(x, 3.0)),
+    "Dense-two_operands": (Dense, lambda x: mul_two(x, x + 1.0)),
+    "Doubled-clip_gradient": (Doubled, clip_gradient),
+}
+
+
+@pytest.mark.parametrize(
+    "name", lifted_params(sorted(_LIFTED), {"Dense-nondiff_argnums"})
+)
+def test_custom_vjp_outputs_stay_values_with_dense_derivatives(name):
+    cls, fn = _LIFTED[name]
+    out = jax.jit(quax.quaxify(fn))(cls(_X))
+    assert type(out) is cls and tree_allclose(densify(out), fn(densify(cls(_X))))
+    got = derivatives(fn, cls, quaxed=True, forward=False)
+    assert tree_allclose(got, derivatives(fn, cls, quaxed=False, forward=False))
+    if fn is clip_gradient:  # the rule is kept: cotangents are clipped to 0.5
+        chain = 2.0 if cls is Doubled else 1.0  # d materialise / d array
+        assert tree_allclose(got["grad_of_jit"], jnp.full(4, 0.5 * chain))
+
+
+@jax.custom_vjp
+def relu_by_where(x):
+    """`max(x, 0)`, whose forward rule computes it with `where` (which `Doubled`
+    does not keep) and whose backward pass halves the cotangent."""
+    return jnp.maximum(x, 0.0)
+
+
+relu_by_where.defvjp(
+    lambda x: (jnp.where(x > 0, x, 0.0), x > 0),
+    lambda positive, g: (jnp.where(positive, 0.5 * g, 0.0),),
+)
+
+
+def test_a_forward_rule_computing_the_value_otherwise():
+    # The primal keeps a `Doubled`; the forward rule's output is dense, so the
+    # primal's value is used (JAX asks the two to be equal).
+    assert type(quax.quaxify(relu_by_where)(Doubled(_X))) is Doubled
+    got = derivatives(relu_by_where, Doubled, quaxed=True, forward=False)
+    assert tree_allclose(
+        got, derivatives(relu_by_where, Doubled, quaxed=False, forward=False)
+    )
+
+
+def test_a_type_that_lifts_no_tangent_is_materialised():
+    out = jax.jit(quax.quaxify(clip_gradient))(Unlifted(_X))
+    assert not isinstance(out, quax.Value) and tree_allclose(out, _X)
+    got = derivatives(clip_gradient, Unlifted, quaxed=True, forward=False)
+    assert tree_allclose(
+        got, derivatives(clip_gradient, Unlifted, quaxed=False, forward=False)
+    )
+    assert tree_allclose(got["grad"], jnp.minimum(_WEIGHTS, 0.5))

@@ -78,7 +78,7 @@ def test_device_put_value(mesh):
     # Inside a quaxified function: one `device_put` over the leaves, each with its
     # own sharding, and the value stays a value.
     fn = quax.quaxify(lambda w: jax.device_put(w, s))
-    eqns = jax.make_jaxpr(fn)(lw).jaxpr.eqns
+    eqns = walked(jax.make_jaxpr(fn)(lw)).jaxpr.eqns
     assert [e.primitive.name for e in eqns] == ["device_put"]
     assert [d.spec for d in eqns[0].params["devices"]] == [
         P("data", "model"),

@@ -69,7 +69,14 @@ def levenberg_marquardt(weight, y):
     return optx.least_squares(fn, solver, jnp.zeros(N), weight).value
 
 
-PROGRAMS = [gmres, newton, bfgs, levenberg_marquardt]
+# BFGS runs the same machinery as Newton (the walked `fn`, optimistix's implicit
+# adjoint): in `make test-all` only.
+PROGRAMS = [
+    gmres,
+    newton,
+    pytest.param(bfgs, marks=pytest.mark.slow),
+    levenberg_marquardt,
+]
 
 
 def _losses(program):
@@ -82,7 +89,7 @@ def _losses(program):
     return lora_loss, dense_loss
 
 
-@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: getattr(p, "__name__", ""))
 def test_value_and_gradients_match_merged_dense(program):
     lora, y = _lora(), jnp.arange(1.0, N + 1)
     lora_loss, dense_loss = _losses(program)
@@ -95,3 +102,47 @@ def test_value_and_gradients_match_merged_dense(program):
     (g_lora, g_y), (d_lora, d_y) = grads, dense_grads
     assert jnp.any(g_lora.a != 0) and jnp.any(g_lora.b != 0) and jnp.any(g_y != 0)
     assert tree_allclose((g_lora.a, g_lora.b, g_y), (d_lora.a, d_lora.b, d_y))
+
+
+@pytest.mark.slow
+def test_vmap_over_the_right_hand_side():
+    lora = _lora()
+    ys = jnp.stack([jnp.arange(1.0, N + 1), -jnp.ones(N), jnp.linspace(0.0, 1.0, N)])
+    got = jax.vmap(quax.quaxify(gmres), in_axes=(None, 0))(lora, ys)
+    expected = jax.vmap(gmres, in_axes=(None, 0))(quax.lora.merge(lora), ys)
+    assert jnp.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_if_on_a_lora_weight():
+    # `eqx.error_if` is a custom_jvp around a `cond` (an error callback in one
+    # branch): the weight passes through as a LoRA weight, with its gradient.
+    def program(weight, x):
+        weight = eqx.error_if(weight, jnp.any(x < -100.0), "x out of range")
+        return weight @ x
+
+    lora, x = _lora(), jnp.arange(1.0, N + 1)
+    lora_loss, dense_loss = _losses(program)
+    assert jnp.allclose(
+        quax.quaxify(program)(lora, x), program(quax.lora.merge(lora), x), rtol=1e-5
+    )
+    g, e = jax.grad(lora_loss)(lora, x), jax.grad(dense_loss)(lora, x)
+    assert tree_allclose((g.a, g.b), (e.a, e.b))
+
+
+def _matrix_gmres(weight, y):
+    operator = lx.MatrixLinearOperator(weight)
+    return lx.linear_solve(operator, y, lx.GMRES(rtol=RTOL, atol=ATOL)).value
+
+
+def test_value_used_directly_by_lineax_is_materialised_or_explained():
+    # A `MatrixLinearOperator` holding the weight: lineax's own rules multiply by
+    # it, outside any function quax can walk.
+    y = jnp.arange(1.0, N + 1)
+    allowed = _lora(allow_materialise=True)
+    got = quax.quaxify(_matrix_gmres)(allowed, y)
+    expected = _matrix_gmres(quax.lora.merge(allowed), y)
+    assert jnp.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(quax.NoHandlerError) as info:
+        quax.quaxify(_matrix_gmres)(_lora(), y)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "FunctionLinearOperator" in notes and "used the value directly" in notes

@@ -102,8 +102,8 @@ def test_xs_slices_reach_the_body_as_values(getkey):
     ds = _diag(getkey())
     DIAG_MUL.clear()
     DIAG_MATERIALISED.clear()
-    # Under a trace, the program is walked on every call (eager calls are cached).
-    walked(jax.make_jaxpr(quax.quaxify(_layers))(ds, jnp.ones((2, 3))))
+    # Walked afresh: the trace (and its walk) is not cached.
+    jax.make_jaxpr(quax.quaxify(_layers, cache=False))(ds, jnp.ones((2, 3)))
     # `mul` ran on a (3, 3) slice, and only slices were materialised, never the stack.
     assert (3, 3) in DIAG_MUL
     assert DIAG_MATERIALISED and set(DIAG_MATERIALISED) == {(3, 3)}

@@ -350,3 +350,25 @@ def test_trace_cache_is_bounded_lru():
         assert cache.put(k, closed, None)
         cache.get("a")  # "a" stays the most recently used
     assert len(cache) == 2 and cache.get("a") is not None and cache.get("b") is None
+
+
+class _BadAval(quax.ArrayValue):
+    array: jax.Array
+
+    def aval(self):
+        return self.array.shape  # a shape, not an abstract value
+
+    def materialise(self):
+        return self.array
+
+
+@pytest.mark.parametrize("where", ("call", "jit"))
+def test_aval_returning_a_non_aval_is_a_quax_error(where):
+    bad = _BadAval(jnp.ones((2, 3)))
+    fn = quax.quaxify(lambda v: v + 1.0)
+    if where == "jit":
+        fn = eqx.filter_jit(fn)
+    with pytest.raises(quax.HandlerResultError, match=r"_BadAval\.aval\(\) returned"):
+        fn(bad)
+    with pytest.raises(TypeError, match=r"ShapedArray\(shape, dtype\)"):
+        fn(bad)

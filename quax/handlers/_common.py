@@ -7,7 +7,8 @@ import jax
 import jax.tree_util as jtu
 
 from .._dispatch import implicit_materialise
-from .._values import Value
+from .._errors import HandlerResultError, format_site
+from .._values import ArrayValue, Value
 
 
 #: Per operand: None for a plain array, else the value's treedef and leaf count.
@@ -109,3 +110,60 @@ def abstract_call(fn: Any, *args: Any) -> Any:
     """`fn(*args)` traced for its output types only (`jax.eval_shape`); values in the
     output come back as values whose leaves are `jax.ShapeDtypeStruct`s."""
     return jax.eval_shape(fn, *args)
+
+
+# -- one kind for several: `ArrayValue.join` ------------------------------------------
+
+
+def join_kinds(examples: Sequence[Any]) -> Any:
+    """A value (with abstract leaves) of a kind every one of `examples` (the values
+    and arrays that one output of a `cond`'s branches, or one loop carry, takes; any
+    of them abstract) can be re-expressed in by `join`: `target.join(x)` then has
+    `target`'s kind for each `x`. None if there is none: the values' classes do not
+    `join`, or disagree."""
+    target = next((x for x in examples if isinstance(x, ArrayValue)), None)
+    if target is None or type(target).join is ArrayValue.join:
+        return None  # the class keeps the default: nothing to ask
+    for _ in range(len(examples) + 1):  # each change widens the kind: bounded
+        if target is None:
+            return None
+        kind = value_type(target)
+        for x in examples:
+            joined = abstract_call(_join, target, x)
+            if joined is None or type(joined) is not type(target):
+                return None
+            if value_type(joined) != kind:
+                target = joined
+                break
+        else:
+            return target
+    return None
+
+
+def _join(target: Any, x: Any) -> Any:
+    return target.join(x)
+
+
+def join_to(target: Any, x: Any, eqn: Any, operands: Sequence[Any] = ()) -> Any:
+    """`x` in `target`'s kind (`join_kinds`'s result): `target.join(x)`, checked;
+    with `target` None, `x` materialised (`dense`)."""
+    if target is None:
+        return dense(x, eqn, operands)
+    joined = target.join(x)
+    if value_type(joined) != value_type(target):
+        raise HandlerResultError(
+            _MSG_BAD_JOIN.format(
+                cls=type(target).__name__,
+                site=format_site(eqn.source_info),
+                got=type(x).__name__,
+            )
+        )
+    return joined
+
+
+_MSG_BAD_JOIN = """\
+quax: {cls}.join re-expressed a {got} as a value of another kind than it promised \
+for the same inputs, at
+  {site}
+To fix: make {cls}.join depend only on the kinds (static fields, shapes, dtypes) of \
+its operands, never on their values."""

@@ -1,13 +1,18 @@
 """`custom_jvp_call` and `custom_vjp_call`: custom derivative rules with values.
 
-A call with values among its operands is emitted again as a new `jax.custom_jvp` (or
-`jax.custom_vjp`) over the operands' leaves, so the outer program differentiates the
-leaves, and the original rule stays the derivative:
-
-- **Primal.** The call's jaxpr is walked on the values, so handlers run inside. An
-  output stays a value when it carries no derivative (no inexact leaf and no inexact
-  dtype: a `Zero`, an integer-valued type); any other output is materialised, so the
-  rule's dense tangent or cotangent has somewhere to go.
+- **Nothing to differentiate.** When no operand has an inexact leaf (a `Zero`, an
+  integer-valued type), no tangent can reach the call: its jaxpr is walked on the
+  values and its outputs are returned as they are, so `relu(Zero)` is a `Zero`.
+- **Otherwise the rule is kept.** The call is emitted again as a new `jax.custom_jvp`
+  (or `jax.custom_vjp`) over the operands' leaves, whose primal walks the call's
+  jaxpr on the values (handlers run inside) and whose rule is the original one. This
+  holds even when nothing is being differentiated yet: `jax.grad(jax.jit(f))` traces
+  `f` before differentiating it, so only the rule in the program keeps its numbers.
+- **Output values stay values when their tangent has somewhere to go**: the value
+  carries no derivative (no inexact leaf and no inexact dtype), or its class lifts a
+  dense tangent onto its leaves (`ArrayValue.lift_tangent`, a right inverse of
+  `pushforward`; a cotangent goes back by its transpose). Any other output is
+  materialised, so the rule's dense tangent or cotangent lands on a dense array.
 - **Only what is perturbed is differentiated.** A dense operand is perturbed when one
   of its leaves is; the rule is asked for exactly those (`symbolic_zeros`), so a
   frozen weight, a closed-over constant or a non-differentiable argument never
@@ -18,7 +23,9 @@ leaves, and the original rule stays the derivative:
   be values), the backward pass is traced and walked on those residuals, and a value
   operand's dense cotangent goes back onto its leaves with `value.pullback(ct)`. So a
   value used only through handlers (a LoRA weight in matrix products) is never
-  materialised, in the primal or in the derivative.
+  materialised, in the primal or in the derivative. Where the rule's primal output is
+  not the value the primal keeps (a rule computing it another way), the primal's is
+  used: JAX asks the two to be equal.
 """
 
 from collections.abc import Callable, Sequence
@@ -41,6 +48,7 @@ from ._common import (
     flatten_operands,
     leaf_specs,
     unflatten_operands,
+    value_type,
 )
 
 
@@ -62,6 +70,7 @@ class _Call:
         # For error messages only: the operands with abstract leaves.
         self.abstract_operands = unflatten_operands(self.leaf_specs, spec)
         self.out_spec: Any = None
+        self._out_types: tuple[Any, ...] | None = None
 
     def operands(self, leaves: Sequence[Any]) -> list[Any]:
         return unflatten_operands(leaves, self.spec)
@@ -73,31 +82,43 @@ class _Call:
             groups.append([next(it) for _ in range(1 if s is None else s[1])])
         return groups
 
+    def walk_primal(self, leaves: Sequence[Any]) -> list[Any]:
+        """The call's jaxpr walked on the operands, given as leaves."""
+        return walk_closed(self.eqn.params["call_jaxpr"], self.operands(leaves))
+
     def primal(self, *leaves: Any) -> list[Any]:
-        """The walked call, as leaves: the new custom function's primal."""
-        outs = walk_closed(self.eqn.params["call_jaxpr"], self.operands(leaves))
-        return self.out_leaves(outs)
+        """The new custom function's primal: the walked call, its outputs as leaves
+        (kept values flattened, the others materialised)."""
+        outs = [x if _keeps(x) else self.dense(x) for x in self.walk_primal(leaves)]
+        self._out_types = tuple(value_type(x) for x in outs)
+        out_leaves, self.out_spec = flatten_operands(outs)
+        return out_leaves
 
-    def out_leaves(self, outs: list[Any], follow: bool = False) -> list[Any]:
-        """Outputs as flat leaves: kept values flattened, the rest materialised. With
-        `follow`, the derivative rule's outputs are kept where the primal's were."""
-        if follow:
-            kept = [s is not None for s in self.out_kinds()]
-        else:
-            kept = [_carries_no_derivative(x) for x in outs]
-        outs = [x if k else self.dense(x) for x, k in zip(outs, kept, strict=True)]
-        leaves, spec = flatten_operands(outs)
-        if self.out_spec is None:
-            self.out_spec = spec
-        return leaves
-
-    def out_kinds(self) -> Any:
+    def out_types(self) -> tuple[Any, ...]:
         """Per output of the primal: None if materialised, else the kept value's
-        `(treedef, leaf count)`; found by tracing the primal if it has not run (the
-        derivative rule may be traced first)."""
-        if self.out_spec is None:
+        `value_type`; found by tracing the primal if it has not run (the rule may be
+        traced first)."""
+        if self._out_types is None:
             jax.eval_shape(self.primal, *self.leaf_specs)
-        return self.out_spec
+        assert self._out_types is not None
+        return self._out_types
+
+    def follow(self, outs: Sequence[Any], leaves: Sequence[Any]) -> list[Any]:
+        """A rule's primal outputs `outs` as the primal returns them: materialised
+        where it materialises; where it keeps a value, the rule's own output if it is
+        a value of the same type, else the primal's (walked again on `leaves`)."""
+        again: list[Any] | None = None
+        result = []
+        for i, (x, kind) in enumerate(zip(outs, self.out_types(), strict=True)):
+            if kind is None:
+                result.append(self.dense(x))
+            elif value_type(x) == kind:
+                result.append(x)
+            else:
+                if again is None:
+                    again = self.walk_primal(leaves)
+                result.append(again[i])
+        return result
 
     def dense(self, x: Any) -> Any:
         return dense(x, self.eqn, self.abstract_operands)
@@ -106,16 +127,121 @@ class _Call:
         return unflatten_operands(out_leaves, self.out_spec)
 
 
-def _carries_no_derivative(x: Any) -> bool:
-    """A value whose tangent is always zero, so it may leave a custom rule as is: no
-    inexact leaves, and either no leaves at all (a symbolic constant such as `Zero`)
-    or no inexact dtype (its dense tangent is `float0`)."""
-    if not isinstance(x, Value):
-        return False
-    leaves = jtu.tree_leaves(x)
+def _constant(eqn: Any, invals: list[Any]) -> list[Any] | None:
+    """The call's outputs, values kept, when no operand has an inexact leaf (no
+    tangent can reach it, so its rule never runs); else None."""
+    leaves, _ = flatten_operands(invals)
     if any(_inexact(leaf) for leaf in leaves):
+        return None
+    return walk_closed(eqn.params["call_jaxpr"], invals)
+
+
+def _keeps(x: Any) -> bool:
+    """Whether an output of the primal stays a value: it carries no derivative, or
+    its class lifts any dense tangent onto its leaves."""
+    return isinstance(x, Value) and (_carries_no_derivative(x) or _lifts(x))
+
+
+def _carries_no_derivative(x: Value) -> bool:
+    """A value whose dense tangent is always zero (`float0`): no inexact dtype."""
+    return not jnp.issubdtype(aval_of(x).dtype, jnp.inexact)
+
+
+def _lifts(x: Value) -> bool:
+    """Whether `x.lift_tangent` answers (traced on an abstract tangent, once per
+    primal): a class that does not override it never does."""
+    if not isinstance(x, ArrayValue):
         return False
-    return not leaves or not jnp.issubdtype(aval_of(x).dtype, jnp.inexact)
+    if type(x).lift_tangent is ArrayValue.lift_tangent:
+        return False
+    if not any(_inexact(leaf) for leaf in jtu.tree_leaves(x)):
+        return False
+    answers: list[bool] = []
+
+    def probe(tangent: Any) -> None:
+        answers.append(x.lift_tangent(tangent) is not None)
+
+    jax.eval_shape(probe, _tangent_spec(x))
+    return answers[0]
+
+
+def _tangent_spec(x: Value) -> jax.ShapeDtypeStruct:
+    aval = aval_of(x)
+    return jax.ShapeDtypeStruct(aval.shape, aval.to_tangent_aval().dtype)
+
+
+def _lifted(x: Any, tangent: Any) -> list[Any]:
+    """`x.lift_tangent(tangent)` as one entry per leaf of `x` (None: no tangent),
+    checked against the leaves' tangent types."""
+    out = x.lift_tangent(tangent)
+    leaves, treedef = jtu.tree_flatten(x)
+    ok = out is not None and jtu.tree_structure(out, is_leaf=_is_none) == treedef
+    lifted = jtu.tree_leaves(out, is_leaf=_is_none) if ok else []
+    ok = ok and all(
+        t is None
+        or _shape_dtype(jax.typeof(t)) == _shape_dtype(_leaf_tangent_aval(leaf))
+        for leaf, t in zip(leaves, lifted, strict=True)
+    )
+    if not ok:
+        raise QuaxError(
+            _MSG_BAD_LIFT.format(
+                cls=type(x).__name__,
+                tangent=jax.typeof(tangent).str_short(),
+                leaves=[_leaf_tangent_aval(leaf).str_short() for leaf in leaves],
+                got=jtu.tree_map(
+                    lambda t: None if t is None else jax.typeof(t).str_short(),
+                    out,
+                    is_leaf=_is_none,
+                ),
+            )
+        )
+    return lifted
+
+
+def _lift(x: Any, tangent: Any) -> list[Any]:
+    """The tangents of output value `x`'s leaves given its dense `tangent`."""
+    lifted = _lifted(x, tangent)
+    return [
+        _tangent_zero(leaf) if t is None or not _inexact(leaf) else t
+        for leaf, t in zip(jtu.tree_leaves(x), lifted, strict=True)
+    ]
+
+
+def _lift_transpose(x: Any, leaf_cts: Sequence[Any]) -> Any:
+    """The dense cotangent of output value `x` given its leaves' cotangents, by
+    transposing its `lift_tangent`; None when they are all zero."""
+    leaves = jtu.tree_leaves(x)
+    moving = [
+        i
+        for i, (leaf, ct) in enumerate(zip(leaves, leaf_cts, strict=True))
+        if _inexact(leaf) and not (ct is None or isinstance(ct, SymbolicZero))
+    ]
+    if not moving:
+        return None
+
+    def lifted(tangent: Any) -> list[Any]:
+        ts = _lifted(x, tangent)
+        out = []
+        for i in moving:
+            aval = _leaf_tangent_aval(leaves[i])
+            out.append(jnp.zeros(aval.shape, aval.dtype) if ts[i] is None else ts[i])
+        return out
+
+    spec = _tangent_spec(x)
+    _, pull = jax.vjp(lifted, jnp.zeros(spec.shape, spec.dtype))
+    return pull([leaf_cts[i] for i in moving])[0]
+
+
+def _shape_dtype(aval: Any) -> tuple[Any, ...]:
+    return tuple(aval.shape), aval.dtype
+
+
+def _leaf_tangent_aval(leaf: Any) -> Any:
+    return jax.typeof(leaf).strip_weak_type().to_tangent_aval()
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
 
 
 def _inexact(x: Any) -> bool:
@@ -145,6 +271,9 @@ def _is_array(x: Any) -> bool:
 
 @register(_compat.custom_jvp_call_p)
 def custom_jvp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    constant = _constant(eqn, invals)
+    if constant is not None:
+        return constant
     leaves, spec = flatten_operands(invals)
     call = _Call(eqn, leaves, spec)
     fn = jax.custom_jvp(call.primal)
@@ -179,19 +308,20 @@ def _jvp(call: _Call, primals: Sequence[Any], tangents: Sequence[Any]) -> Any:
     )
     nonzero = [t for t in dense_tangents if t is not None]
     outs = walk(jvp_jaxpr, jvp_consts, [*args, *nonzero])
-    out_primals, nz_tangents = outs[: len(out_zeros)], outs[len(out_zeros) :]
-    kinds = call.out_kinds()
-    primal_leaves = call.out_leaves(out_primals, follow=True)
-    tangent_it = iter(nz_tangents)
+    out_primals = call.follow(outs[: len(out_zeros)], primals)
+    tangent_it = iter(outs[len(out_zeros) :])
+    primal_leaves: list[Any] = []
     tangent_leaves: list[Any] = []
-    for kind, p, z in zip(kinds, out_primals, out_zeros, strict=True):
+    for kind, p, z in zip(call.out_types(), out_primals, out_zeros, strict=True):
         t = None if z else next(tangent_it)
-        if kind is not None:  # a kept value carries no derivative: zero tangents
-            tangent_leaves.extend(_tangent_zero(leaf) for leaf in jtu.tree_leaves(p))
-        elif t is None:
-            tangent_leaves.append(_tangent_zero(call.dense(p)))
-        else:
+        leaves = [p] if kind is None else jtu.tree_leaves(p)
+        primal_leaves.extend(leaves)
+        if t is None or (kind is not None and _carries_no_derivative(p)):
+            tangent_leaves.extend(_tangent_zero(leaf) for leaf in leaves)
+        elif kind is None:
             tangent_leaves.append(call.dense(t))
+        else:  # a kept value: the rule's dense tangent lifted onto its leaves
+            tangent_leaves.extend(_lift(p, call.dense(t)))
     return primal_leaves, tangent_leaves
 
 
@@ -217,6 +347,9 @@ def _push(x: Any, leaf_tangents: list[Any]) -> Any:
 
 @register(_compat.custom_vjp_call_p)
 def custom_vjp_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    constant = _constant(eqn, invals)
+    if constant is not None:
+        return constant
     leaves, spec = flatten_operands(invals)
     call = _Call(eqn, leaves, spec)
     fn = jax.custom_vjp(call.primal)
@@ -249,28 +382,35 @@ def _fwd(call: _Call, primals: Sequence[Any]) -> tuple[list[Any], Any]:
     res_out, outs = res_and_outs[:num_res_out], res_and_outs[num_res_out:]
     res_it = iter(res_out)
     residuals = [next(res_it) if f is None else args[f] for f in input_fwds]
-    out_leaves = call.out_leaves(outs, follow=True)
-    # The value operands are kept for `pullback`; plain ones are not needed.
+    outs = call.follow(outs, leaves)
+    out_leaves, _ = flatten_operands(outs)
+    # The value operands are kept for `pullback`, and the lifted output values for
+    # transposing their `lift_tangent`; plain ones are not needed.
     values = [
         x if isinstance(x, Value) and nz else None
         for x, nz in zip(args, nonzeros, strict=True)
     ]
-    return out_leaves, (residuals, values)
+    lifted = [
+        None if kind is None or _carries_no_derivative(x) else x
+        for x, kind in zip(outs, call.out_types(), strict=True)
+    ]
+    return out_leaves, (residuals, values, lifted)
 
 
 def _bwd(call: _Call, res: Any, cts: Sequence[Any]) -> tuple[Any, ...]:
     """The original backward rule, traced and walked on the (possibly value)
     residuals; each value operand's dense cotangent is pulled back onto its leaves."""
-    residuals, values = res
+    residuals, values, lifted = res
     ct_it = iter(cts)
     out_cts: list[Any] = []
-    for kind in call.out_kinds():
-        if kind is not None:  # a kept value carries no derivative
-            for _ in range(kind[1]):
-                next(ct_it)
-            out_cts.append(None)
-        else:
+    for kind, x in zip(call.out_types(), lifted, strict=True):
+        if kind is None:
             out_cts.append(next(ct_it))
+            continue
+        leaf_cts = [next(ct_it) for _ in kind[1]]
+        # A kept value: its leaves' cotangents back through its `lift_tangent`
+        # (one that carries no derivative has none).
+        out_cts.append(None if x is None else _lift_transpose(x, leaf_cts))
     out_avals = [
         jax.core.ShapedArray(v.aval.shape, v.aval.dtype)
         for v in call.eqn.params["call_jaxpr"].jaxpr.outvars
@@ -353,3 +493,11 @@ _MSG_CLOSED_OVER = """\
 quax: a `jax.custom_vjp` function is differentiated with respect to a value it \
 closes over; its rule gives cotangents for its explicit arguments only.
 To fix: pass the value to the `custom_vjp` function as an argument."""
+
+_MSG_BAD_LIFT = """\
+quax: `{cls}.lift_tangent` must return tangents for the value's leaves: a pytree \
+like the value (the same class and static fields) holding, per leaf, None or an \
+array of that leaf's tangent type ({leaves}). Given a tangent {tangent}, it \
+returned {got}.
+To fix: return `None` from `lift_tangent` if this value cannot carry every tangent \
+(quax then materialises it), else one tangent per leaf."""

@@ -32,7 +32,8 @@ from .._dispatch import implicit_materialise, materialise_all
 from .._errors import QuaxError
 from .._quaxify import quaxify
 from .._values import Value, is_value
-from .._walker import bind, eqn_context, register_matcher
+from .._walker import bind, eqn_context, register, register_matcher
+from ._common import dense, join_kinds, join_to, value_type
 
 
 # -- equinox's private names ----------------------------------------------------------
@@ -45,6 +46,14 @@ try:
         _ClosureConvert as _ClosureConvert,
         _TrivialClosureConvert as _TrivialClosureConvert,
     )
+    from equinox.internal._loop.common import (  # private: see above
+        select_if_vmap_p as _select_if_vmap_p,
+    )
+    from equinox.internal._nontraceable import (  # private: see above
+        nonbatchable_p as _nonbatchable_p,
+        nondifferentiable_backward_p as _nondifferentiable_backward_p,
+        nontraceable_p as _nontraceable_p,
+    )
     from equinox.internal._primitive import (  # private: see above
         Flatten as _Flatten,
         _missing_dynamic as _MISSING,
@@ -53,7 +62,8 @@ try:
     _CLOSURES: tuple[type, ...] = (_ClosureConvert, _TrivialClosureConvert)
 except ImportError:  # pragma: no cover - a newer equinox
     _CLOSURES = ()
-    _MISSING = _Flatten = None
+    _MISSING = _Flatten = _select_if_vmap_p = None
+    _nonbatchable_p = _nondifferentiable_backward_p = _nontraceable_p = None
 
 
 def is_filter_primitive(eqn: Any) -> bool:
@@ -140,3 +150,39 @@ quax walks the functions an equinox primitive closes over (a lineax \
 only inside them is never materialised; here the primitive's own rules used the \
 value directly ({err}). Wrap the matrix in a function (e.g. \
 `lineax.FunctionLinearOperator(lambda v: w @ v, ...)`) to keep it symbolic."""
+
+
+# -- equinox's loops: `select_if_vmap` ------------------------------------------------
+
+
+@register(_select_if_vmap_p)
+def select_if_vmap_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    """`select_if_vmap(pred, new, old)` (equinox's loops keep a finished batch
+    element's carry with it): `new` unless vmapped, else a select by a per-element
+    predicate, so it applies leaf by leaf to two values of one kind (the two joined
+    first if they differ, or materialised if they cannot be)."""
+    pred, new, old = invals
+    pred = dense(pred, eqn, invals)
+    if not isinstance(new, Value) or value_type(new) != value_type(old):
+        target = join_kinds([new, old])
+        new, old = join_to(target, new, eqn, invals), join_to(target, old, eqn, invals)
+    if not isinstance(new, Value):
+        return bind(eqn, [pred, new, old])
+    new_leaves, treedef = jtu.tree_flatten(new)
+    leaves = [
+        bind(eqn, [pred, x, y])[0]
+        for x, y in zip(new_leaves, jtu.tree_leaves(old), strict=True)
+    ]
+    return [jtu.tree_unflatten(treedef, leaves)]
+
+
+# -- equinox's checks: identities, leaf by leaf ---------------------------------------
+
+
+@register(_nondifferentiable_backward_p, _nontraceable_p, _nonbatchable_p)
+def identity_check_handler(eqn: Any, invals: list[Any]) -> list[Any]:
+    """`nondifferentiable_backward`, `nontraceable`, `nonbatchable`: the identity,
+    with an error if a cotangent (a trace, a batch axis) reaches it; applied to
+    every leaf of a value, the value keeps its kind and each leaf its check."""
+    (operand,) = invals
+    return [jtu.tree_map(lambda leaf: bind(eqn, [leaf])[0], operand)]

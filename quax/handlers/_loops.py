@@ -5,9 +5,12 @@
 Values used as loop constants are closed over by the body, so their handlers run in
 every iteration. A carry stays a value only if one iteration returns it as the same
 kind of value (class, static fields, leaf shapes and dtypes); otherwise it is
-materialised on entry and at the end of the body. The body is walked once, while JAX
-traces the loop; only when a value carry changes kind is that trace stopped and the
-loop traced again with it materialised (a fixed point, at most one pass per carry). A value as
+re-expressed in one kind on entry and at the end of the body where its class can
+`join` them (`ArrayValue.join`: a dense carry that the body makes a LoRA weight becomes
+a LoRA weight with zero adapters), and else materialised there. The body is walked
+once, while JAX traces the loop; only when a carry must enter in another kind is that
+trace stopped and the loop traced again (a fixed point, at most three passes per
+carry). A value as
 `xs` is split by its class's `unstack` hook and a value among the `ys` is stacked by
 its `stack` hook (both derived from `scan_leafwise()` by default); a value whose hook
 returns None is materialised. Scans are emitted again through the public
@@ -36,9 +39,12 @@ from .._walker import bind, register, walk_closed
 from ._common import (
     dense,
     flatten_operands,
+    join_kinds,
+    join_to,
     leaf_specs,
     leaf_type,
     unflatten_operands,
+    value_type,
     value_types,
 )
 
@@ -55,18 +61,18 @@ the value."""
 def while_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     carry = invals[n_cond + n_body :]
-    return _settled(lambda to_dense: _while(eqn, invals, carry, to_dense), len(carry))
+    return _settled(lambda plan: _while(eqn, invals, carry, plan), len(carry))
 
 
-def _while(eqn: Any, invals: list[Any], carry: list[Any], to_dense: frozenset[int]):
-    """`while_handler` with the carries at `to_dense` materialised; raises
-    `_CarryChanged` if the body changes the kind of another carry."""
+def _while(eqn: Any, invals: list[Any], carry: list[Any], plan: dict[int, Any]):
+    """`while_handler` with the carries re-expressed as `plan` says (`_settled`);
+    raises `_CarryChanged` if the body changes the kind of another carry."""
     params = eqn.params
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-    carry = _densify_at(carry, to_dense, eqn)
+    carry = _densify_at(carry, plan, eqn)
     cond_leaves, cond_spec = flatten_operands(cond_consts)
     body_leaves, body_spec = flatten_operands(body_consts)
     carry_leaves, carry_spec = flatten_operands(carry)
@@ -87,7 +93,7 @@ def _while(eqn: Any, invals: list[Any], carry: list[Any], to_dense: frozenset[in
         consts = unflatten_operands(leaves[:n_bc], body_spec)
         carry = unflatten_operands(leaves[n_bc:], carry_spec)
         outs = walk_closed(body_jaxpr, [*consts, *carry])
-        outs = _check_kinds(carry, _densify_at(outs, to_dense, eqn), eqn)
+        outs = _check_kinds(carry, _densify_at(outs, plan, eqn), plan, eqn)
         out_leaves, out_spec = flatten_operands(outs)
         if out_spec != carry_spec:
             raise QuaxBugError(_MSG_BUG.format(what="while carry types changed"))
@@ -165,10 +171,11 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     # How each `y` is stacked, from the (last) trace of the body: None for an array.
     stackers: list[Any] = []
 
-    def scan(to_dense: frozenset[int]) -> tuple[Any, Any]:
+    def scan(plan: dict[int, Any]) -> tuple[Any, Any]:
         def body_fn(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
             new_carry, ys = step(carry, x)
-            new_carry = _check_kinds(carry, _densify_at(new_carry, to_dense, eqn), eqn)
+            new_carry = _densify_at(new_carry, plan, eqn)
+            new_carry = _check_kinds(carry, new_carry, plan, eqn)
             stackers.clear()
             out = []
             for y in ys:
@@ -179,7 +186,7 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
 
         return jax.lax.scan(
             body_fn,
-            _densify_at(carry, to_dense, eqn),
+            _densify_at(carry, plan, eqn),
             xs,
             length=length,
             reverse=params["reverse"],
@@ -248,51 +255,77 @@ def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
 
 
 class _CarryChanged(Exception):
-    """Raised while tracing a loop body that changes the kind of the carries at
-    `positions` (a value becomes a plain array or another kind of value)."""
+    """Raised while tracing a loop body that changes the kind of some carries:
+    `changes` maps each position to the kind it must enter in instead (a value with
+    abstract leaves to `join` into), or None to materialise it."""
 
-    def __init__(self, positions: frozenset[int]):
-        super().__init__(positions)
-        self.positions = positions
+    def __init__(self, changes: dict[int, Any]):
+        super().__init__(changes)
+        self.changes = changes
+        self.trace = _compat.current_trace()  # the loop body's, now abandoned
 
 
-def _check_kinds(before: Sequence[Any], after: Sequence[Any], eqn: Any) -> list[Any]:
-    """`after` (one iteration's carries), if each keeps the kind it had `before`. A
-    plain carry that comes back a value is materialised at once (that changes
-    nothing on entry); a value carry whose kind changes stops the trace."""
+def _check_kinds(
+    before: Sequence[Any], after: Sequence[Any], plan: dict[int, Any], eqn: Any
+) -> list[Any]:
+    """`after` (one iteration's carries), if each keeps the kind it had `before`:
+    a carry the body returns in another kind is joined into the carry's kind where
+    its class can (`join_kinds`), and a plain carry that comes back a value that
+    cannot join it is materialised at once (that changes nothing on entry); any other
+    change stops the trace."""
     after = list(after)
-    changed = set()
+    changes: dict[int, Any] = {}
     for i, (a, b) in enumerate(
         zip(value_types(before), value_types(after), strict=True)
     ):
-        if a is None and b is not None:
+        if a == b:
+            continue
+        forced_dense = i in plan and plan[i] is None
+        target = None if forced_dense else join_kinds([before[i], after[i]])
+        if target is not None and value_type(target) == a:
+            after[i] = join_to(target, after[i], eqn, after)
+        elif target is not None:  # a wider kind holds both: enter in it
+            changes[i] = target
+        elif a is None:
             after[i] = dense(after[i], eqn, after)
-        elif a != b:
-            changed.add(i)
-    if changed:
-        raise _CarryChanged(frozenset(changed))
+        else:
+            changes[i] = None
+    if changes:
+        raise _CarryChanged(changes)
     return after
 
 
-def _settled(emit: Callable[[frozenset[int]], Any], n_carry: int) -> Any:
-    """`emit(to_dense)`, where `to_dense` are the carry positions to materialise so
-    one iteration keeps every carry's kind. Found while tracing the real loop: a
-    body that changes a carry's kind stops its trace (`_CarryChanged`) and is traced
-    again with that carry materialised, so the body is walked once when the kinds
-    hold (the usual case) and at most `n_carry + 1` times."""
-    to_dense: frozenset[int] = frozenset()
-    for _ in range(n_carry + 1):
+def _settled(emit: Callable[[dict[int, Any]], Any], n_carry: int) -> Any:
+    """`emit(plan)`, where `plan` says how each carry whose kind one iteration would
+    change enters the loop (joined into a kind, or materialised: `_densify_at`), so
+    every carry keeps its kind. Found while tracing the real loop: a body that
+    changes a carry's kind stops its trace (`_CarryChanged`) and is traced again, so
+    the body is walked once when the kinds hold (the usual case). A carry is joined
+    at most twice, then materialised, and stays so: at most `3 * n_carry + 1`
+    traces."""
+    plan: dict[int, Any] = {}
+    changes_at: dict[int, int] = {}
+    for _ in range(3 * n_carry + 1):
         try:
-            return emit(to_dense)
+            return emit(plan)
         except _CarryChanged as changed:
-            if changed.positions <= to_dense:
-                break
-            to_dense = to_dense | changed.positions
+            changes = changed.changes
+            # JAX frees a trace's tracers when the trace ends normally; a stopped
+            # body's trace is released here, or it would keep an outer trace's
+            # tracers alive (JAX's leak checker reports them).
+            _compat.release_trace(changed.trace)
+            changed.trace = changed.__traceback__ = None
+        for i, target in changes.items():
+            changes_at[i] = changes_at.get(i, 0) + 1
+            plan[i] = target if changes_at[i] <= 2 else None
     raise QuaxBugError(_MSG_BUG.format(what="loop carry types did not settle"))
 
 
-def _densify_at(vals: Sequence[Any], where: frozenset[int], eqn: Any) -> list[Any]:
-    return [dense(x, eqn, vals) if i in where else x for i, x in enumerate(vals)]
+def _densify_at(vals: Sequence[Any], plan: dict[int, Any], eqn: Any) -> list[Any]:
+    """`vals` re-expressed as `plan` says: joined into a kind, or materialised."""
+    return [
+        join_to(plan[i], x, eqn, vals) if i in plan else x for i, x in enumerate(vals)
+    ]
 
 
 def _slice_spec(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -1,4 +1,5 @@
-"""`stop_gradient`, `optimization_barrier` and `name` (`checkpoint_name`): identities
+"""`stop_gradient`, `optimization_barrier`, `name` (`checkpoint_name`) and `copy`
+(`jnp.array(x, copy=True)`, equinox's loops): identities
 on values, applied leaf by leaf, so a value stays a value.
 
 Each is the identity on its operands' primal values, so applying it to every leaf of
@@ -23,7 +24,7 @@ def stop_gradient_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     return [jtu.tree_map(jax.lax.stop_gradient, operand)]
 
 
-@register(_compat.name_p)
+@register(_compat.name_p, _compat.copy_p)
 def name_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     prim, params = eqn.primitive, eqn.params
     (operand,) = invals

@@ -382,6 +382,42 @@ class LoraArray(ArrayValue):
         )
         return _replace(self, w, self.a, self.b)
 
+    # -- one kind for two (ArrayValue.join): where a `cond` or a loop disagrees --
+
+    def join(self, other: Any) -> "LoraArray | None":
+        """A plain array `x` becomes `LoraArray(w=x, a=0, b=0)` and another
+        `LoraArray` stays itself, both not `frozen` unless both already are: a frozen
+        weight's gradient is stopped in its `w` instead, so `x` keeps its gradient.
+        Declines a quantized `w`, and a `LoraArray` of another rank, scaling,
+        `allow_materialise` setting or dtypes."""
+        if isinstance(self.w, Value):
+            return None
+        if isinstance(other, LoraArray):
+            same = (
+                not isinstance(other.w, Value)
+                and other.scaling == self.scaling
+                and other.allow_materialise == self.allow_materialise
+                and _shape(other.w) == _shape(self.w)
+                and other.w.dtype == self.w.dtype
+                and other.a.shape == self.a.shape
+                and other.b.shape == self.b.shape
+                and other.a.dtype == self.a.dtype
+                and other.b.dtype == self.b.dtype
+            )
+            if not same:
+                return None
+            if other.frozen == self.frozen:
+                return other
+            return _replace(other, _frozen(other), other.a, other.b, frozen=False)
+        if isinstance(other, Value):
+            return None
+        x = typing.cast(Array, other)
+        if _shape(x) != _shape(self.w) or jnp.result_type(x) != self.w.dtype:
+            return None
+        a = jnp.zeros(self.a.shape, self.a.dtype)
+        b = jnp.zeros(self.b.shape, self.b.dtype)
+        return _replace(self, jnp.asarray(x), a, b, frozen=False)
+
     # -- derivatives (ArrayValue.pushforward/pullback): low rank, never `w + a @ b` --
 
     def pushforward(self, tangent: "LoraArray") -> Array:
