@@ -600,16 +600,11 @@ case(
     },
     transformed=True,
 )
-_CARRY_LEAK = (
-    "a tracer leaks (JAX_CHECK_TRACER_LEAKS) the first time a value whose `mul` "
-    "materialises is a scan carry (the carry changes kind; main's perf change, "
-    "e63903a); the numbers are right without the leak check (types3 report)"
-)
 case(
     "scan_carry_ys",
     # The value as the carry, and stacked as the ys.
     lambda v, s: lax.scan(lambda c, _: (c * s, c), v, length=2),
-    xfail={k: _CARRY_LEAK for k in ("lora", "lora_on_quantized", "nested", "ruleless")},
+    transformed=True,
 )
 case(
     # Not in TRANSFORMED: reverse mode cannot cross a while loop (dense neither).
