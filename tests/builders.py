@@ -1,6 +1,11 @@
 """One builder per array-ish type: `make_<kind>(key) -> (value, dense array)`.
 
-Generic tests run `@pytest.mark.parametrize("kind", sorted(BUILDERS))`.
+Generic tests run `@pytest.mark.parametrize("kind", sorted(BUILDERS))`: the values of
+`BUILDERS` are arrays of numbers as far as any `jax.numpy` function is concerned.
+`FUZZ_BUILDERS` adds the types whose values are not (PRNG keys: no arithmetic;
+quantities: a unit error for a formula that mixes units): the fuzzer draws only the
+operations JAX accepts on the dense array, and judges their refusals (see
+`tests/fuzz/check.py`); `numbers(x)` is what is compared for any value.
 """
 
 from collections.abc import Callable
@@ -18,9 +23,31 @@ import quax
 BUILDERS: dict[str, Callable[[Any], tuple[quax.ArrayValue, jax.Array]]] = {}
 
 
+FUZZ_BUILDERS: dict[str, Callable[[Any], tuple[quax.ArrayValue, jax.Array]]] = {}
+
+
 def builder(fn):
     BUILDERS[fn.__name__.removeprefix("make_")] = fn
+    FUZZ_BUILDERS[fn.__name__.removeprefix("make_")] = fn
     return fn
+
+
+def fuzz_builder(fn):
+    """A builder only the fuzzer runs (see the module docstring)."""
+    FUZZ_BUILDERS[fn.__name__.removeprefix("make_")] = fn
+    return fn
+
+
+def numbers(x: Any) -> Any:
+    """What a value is compared as: its `materialise()`d array, except for a quantity
+    (`quax.units.Unitful`, which never materialises): its numbers in base units
+    (`array * unit.scale`), which are the dense array's for a value built in a unit
+    of scale 1."""
+    from quax.units import Unitful
+
+    if isinstance(x, Unitful):
+        return x.array * jnp.asarray(x.unit.scale, x.array.dtype)
+    return x.materialise()
 
 
 class Ruleless(quax.ArrayValue):
@@ -208,25 +235,6 @@ def make_named(key):
     return NamedArray(x, ("a", "b"), allow_materialise=True), x
 
 
-def make_prng_key(key):
-    """A `quax.prng.ThreeFry` key and JAX's key with the same bits (not in BUILDERS:
-    keys have no arithmetic)."""
-    from quax.prng import ThreeFry
-
-    del key
-    value = ThreeFry(0)
-    return value, value.materialise()
-
-
-def make_unitful(key):
-    """A quantity in metres and its numbers (not in BUILDERS: a quantity never
-    becomes a plain array implicitly, so dense-equivalence cases do not apply)."""
-    from quax.units import Unitful, m
-
-    x = jr.normal(key, (3, 4))
-    return Unitful(x, m), x
-
-
 @builder
 def make_sparse(key):
     """A 3 x 4 `quax.sparse.BCOO` with two of its twelve entries unstored."""
@@ -244,3 +252,25 @@ def make_tridiagonal(key):
     d, lo, up = jr.normal(key, (3, 4))
     value = TridiagonalMatrix(d, lo[:3], up[:3])
     return value, value.materialise()
+
+
+@fuzz_builder
+def make_prng(key):
+    """A 3 x 4 batch of `quax.prng.ThreeFry` keys, and JAX's keys with the same bits."""
+    from quax.prng import ThreeFry
+
+    seed = jr.randint(key, (3, 4), 0, 2**31 - 1)
+    value = ThreeFry(seed)
+    return value, value.materialise()
+
+
+@fuzz_builder
+def make_units(key):
+    """A 3 x 4 quantity (in metres, or metres per second: units of scale 1, so its
+    numbers in base units are its array) and its array."""
+    from quax.units import Unitful, m, s
+
+    k1, k2 = jr.split(key)
+    x = jr.normal(k1, (3, 4))
+    unit = m if jr.bernoulli(k2) else m / s
+    return Unitful(x, unit), x

@@ -600,6 +600,24 @@ case(
     },
     transformed=True,
 )
+case(
+    "scan_carry_ys",
+    # The value as the carry, and stacked as the ys.
+    lambda v, s: lax.scan(lambda c, _: (c * s, c), v, length=2),
+    transformed=True,
+)
+case(
+    # Not in TRANSFORMED: reverse mode cannot cross a while loop (dense neither).
+    "while_loop",
+    {
+        "while": lambda v, s: lax.while_loop(
+            lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] * s), (0, v)
+        )[1],
+        "traced_bound": lambda v, s: lax.fori_loop(
+            0, (s > 0).astype(jnp.int32) + 1, lambda i, c: c * s + v, v
+        ),
+    },
+)
 
 
 #: Every function checked, for the count in the module docstring (>= 70).

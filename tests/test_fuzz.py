@@ -14,11 +14,11 @@ import random
 import hypothesis
 import hypothesis.strategies as st
 import pytest
-from builders import BUILDERS
+from builders import FUZZ_BUILDERS
 from fuzz.check import MODES, check
 from fuzz.draw import aval_of, draw_program
 from fuzz.exclusions import excluded_names, predicates, twin_excluded
-from fuzz.ops import NAMES
+from fuzz.ops import names_for
 from fuzz.program import iter_ops
 from fuzz.replay import variants
 
@@ -44,12 +44,12 @@ def _seed() -> int:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize("kind", sorted(FUZZ_BUILDERS))
 def test_fuzz(kind, mode):
     values = variants(kind)
     v_aval = aval_of(values[0][1])
     skipped = excluded_names(kind, mode)
-    names = tuple(n for n in NAMES if n not in skipped)
+    names = tuple(n for n in names_for(kind) if n not in skipped)
     rejects = predicates(kind, mode)
     seed = _seed()
 

@@ -158,3 +158,21 @@ def test_vmap_over_keys():
     got = jax.vmap(quax.quaxify(lambda k: jax.random.normal(k, (2,))))(keys)
     ref = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (2,)))(jnp.arange(3))
     assert jnp.allclose(got, ref)
+
+
+def test_batched_keys_through_vmapped_random_functions():
+    # Found by the fuzzer: `random_split` of a batch of keys (under `vmap`, as in
+    # `randint`) once went through `jax.random.split`, which takes one key only.
+    keys = ThreeFry(jnp.arange(6).reshape(2, 3))
+
+    def draw(k):
+        per_key = lambda k: (
+            jax.random.randint(k, (2,), -5, 5),
+            jax.random.split(k, 2),
+            jax.random.uniform(jax.random.fold_in(k, 3), (2,)),
+        )
+        return jax.vmap(jax.vmap(per_key))(k)
+
+    for mode in ("eager", "jit_outside"):
+        got = assert_same_as_jax_keys(draw, keys, mode=mode)
+        assert isinstance(got[1], ThreeFry) and got[1].shape == (2, 3, 2)

@@ -175,3 +175,25 @@ def test_control_flow(getkey):
         assert isinstance(c, TridiagonalMatrix)
         np.testing.assert_allclose(c.materialise(), exp_c, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ys, exp_ys, rtol=1e-5, atol=1e-5)
+
+
+def test_kronecker_sums_materialise(getkey):
+    # A sum of Kronecker products is one only when they share a factor, which quax
+    # cannot see while tracing: `add`/`sub` materialise, with the dense numbers.
+    a, b, c = (jr.normal(getkey(), (2, 3)) for _ in range(3))
+    t = make_tridiagonal(getkey())
+
+    def sums(a, b, c, t):
+        ka = Kronecker(a, t)
+        return ka + Kronecker(a, t * 2.0), Kronecker(b, t) - ka, ka + Kronecker(c, t)
+
+    dense = t.materialise()
+    expected = (
+        3.0 * jnp.kron(a, dense),
+        jnp.kron(b, dense) - jnp.kron(a, dense),
+        jnp.kron(a, dense) + jnp.kron(c, dense),
+    )
+    for run in (quax.quaxify(sums), jax.jit(quax.quaxify(sums))):
+        for got, want in zip(run(a, b, c, t), expected, strict=True):
+            assert not isinstance(got, Kronecker)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -179,3 +179,24 @@ def test_errors_name_both_units():
     # Zero, inf and nan are the same in every unit.
     relu = quax.quaxify(lambda a: jnp.maximum(a, 0.0))(x)
     assert relu.unit == m
+
+
+def test_truth_of_a_quantity_is_plain():
+    # Whether an entry is nonzero is the same in every unit: `astype(bool)`,
+    # `jnp.any`, `jnp.all` of a quantity are plain arrays (found by the fuzzer).
+    x = jnp.asarray([[0.0, 2.0], [-1.0, 0.0]])
+    q = Unitful(x, km)
+    fns = (
+        lambda a: a.astype(bool),
+        jnp.any,
+        lambda a: jnp.all(a, axis=1),
+        lambda a: a.astype(jnp.int32),
+    )
+    for fn in fns:
+        got = quax.quaxify(fn)(q)
+        expected = fn(x)
+        if expected.dtype == jnp.bool_:
+            assert not isinstance(got, Unitful)
+            assert got.tolist() == expected.tolist()
+        else:
+            assert got.unit == km and got.array.tolist() == expected.tolist()

@@ -17,7 +17,7 @@ import jax.core
 import jax.extend.core as jexc
 import jax.lax as lax
 import numpy as np
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike
 
 from .._table import handler
 from .._values import ArrayValue
@@ -227,9 +227,7 @@ def _along(prim: jexc.Primitive) -> Callable[..., Any]:
     """The handler for a primitive that keeps its axes and takes plain index or size
     operands (`slice`, `dynamic_slice`, `cumsum`, `pad` by a scalar, ...)."""
 
-    def handler(self: "NamedArray", *operands: Any, **params: Any) -> Any:
-        if any(isinstance(x, NamedArray) for x in operands):
-            return NotImplemented
+    def handler(self: "NamedArray", *operands: ArrayLike, **params: Any) -> Any:
         return self._with(prim.bind(self.array, *operands, **params), self.axes)
 
     handler.__doc__ = f"`{prim.name}`: the same axes."
@@ -383,11 +381,8 @@ class NamedArray(ArrayValue):
 
     @handler("concatenate", operands="all")
     @staticmethod
-    def _concatenate(*operands: Any, **params: Any) -> Any:
+    def _concatenate(*named: "NamedArray", **params: Any) -> Any:
         """`jnp.concatenate`: every operand named, with the same names."""
-        named = [x for x in operands if isinstance(x, NamedArray)]
-        if len(named) != len(operands):
-            return NotImplemented
         if any(x.axes != named[0].axes for x in named):
             raise AxisNameError(
                 "quax: `concatenate` of named arrays with different axes: "
@@ -453,14 +448,21 @@ class NamedArray(ArrayValue):
     cummin = _along(P.cummin_p)
     cumlogsumexp = _along(P.cumlogsumexp_p)
 
-    def dynamic_update_slice(self, update: Any, *indices: Any, **params: Any) -> Any:
-        if isinstance(update, NamedArray):
-            if update.axes != self.axes:
-                raise AxisNameError(
-                    f"quax: `dynamic_update_slice` of axes {self.axes} with an update "
-                    f"of axes {update.axes}."
-                )
-            update = update.array
+    @handler("dynamic_update_slice")
+    def _update_named(
+        self, update: "NamedArray", *indices: ArrayLike, **params: Any
+    ) -> Any:
+        """An update with the same names."""
+        if update.axes != self.axes:
+            raise AxisNameError(
+                f"quax: `dynamic_update_slice` of axes {self.axes} with an update "
+                f"of axes {update.axes}."
+            )
+        return self._update_plain(update.array, *indices, **params)
+
+    @handler("dynamic_update_slice")
+    def _update_plain(self, update: ArrayLike, *indices: ArrayLike, **params: Any):
+        """A plain update, read in this array's axis order."""
         out = P.dynamic_update_slice_p.bind(self.array, update, *indices, **params)
         return self._with(out, self.axes)
 

@@ -68,7 +68,7 @@ class PRNG(ArrayValue):
     | primitive | result |
     |---|---|
     | `random_bits`, `random_unwrap` | plain arrays (bits, the key's data) |
-    | `random_split`, `random_fold_in` | keys of this class |
+    | `random_split`, `random_fold_in` (key by key for a batch of keys, as under `vmap`) | keys of this class |
     | `select_n` (`jnp.where`), any operand position | a key of this class |
     | any other primitive JAX defines on keys (`broadcast_in_dim`, `reshape`, `squeeze`, `slice`, `dynamic_slice`, `gather`, `concatenate`, `copy`, ...) | run on JAX's typed key; keys come back as this class (`default`) |
     | arithmetic, comparisons | `TypeError` while tracing (JAX refuses them on keys) |
@@ -129,14 +129,21 @@ class PRNG(ArrayValue):
         return self.random_bits(bit_width, shape)
 
     def random_split(self, /, *, shape: tuple[int, ...]) -> "PRNG":
-        return self._rewrap(jax.random.split(self.materialise(), shape))
+        # The primitive, not `jax.random.split`: it splits a batch of keys (under
+        # `vmap`) key by key, where `jax.random.split` accepts a single key only.
+        return self._rewrap(
+            jexc.primitives.random_split_p.bind(self.materialise(), shape=shape)
+        )
 
     def random_fold_in(self, msgs: ArrayLike, /) -> "PRNG":
         return self._rewrap(
             jexc.primitives.random_fold_in_p.bind(self.materialise(), msgs)
         )
 
-    def random_unwrap(self, /) -> Array:
+    # `random_unwrap` (`jax.random.key_data`) is not among the primitives JAX exports,
+    # so a method of that name alone would not be recognised as its handler.
+    @handler("random_unwrap")
+    def _key_data(self, /, **params: Any) -> Array:
         return self.data
 
     @handler("select_n", operands="all")

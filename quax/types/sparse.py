@@ -17,7 +17,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Integer, Shaped
 
-from .._values import ArrayValue, Value
+from .._table import handler
+from .._values import ArrayValue
 
 
 class BCOO(ArrayValue):
@@ -51,8 +52,9 @@ class BCOO(ArrayValue):
     | `reduce_sum` | S / D | S when no sparse axis is summed, else D |
     | `reduce_max`, `reduce_min` | D | `n_batch = n_dense = 0` |
 
-    `scan` slices and stacks a BCOO along its leading batch dimension, so a stack of
-    sparse matrices can be scanned over without densifying it.
+    `scan` slices (`xs`) and stacks (`ys`) a BCOO along its leading batch dimension
+    (the `unstack`/`stack` hooks), so a stack of sparse matrices can be scanned over
+    without densifying it; `xs` without a batch dim materialise.
     """
 
     data: Shaped[Array, "..."]
@@ -193,31 +195,36 @@ class BCOO(ArrayValue):
 
     # -- linear algebra --
 
-    def dot_general(self, other: Any, /, *, dimension_numbers, **params):
+    @handler("dot_general")
+    def _dot_sparse(self, other: "BCOO", /, *, dimension_numbers, **params):
+        """Sparse @ sparse: the products of every pair of entries that meet."""
+        out_dtype = _dot_dtype(self, other, params)
+        if out_dtype is None:
+            return NotImplemented
+        return _sparse_sparse(self, other, dimension_numbers, out_dtype)
+
+    @handler("dot_general")
+    def _dot_dense(self, other: ArrayLike, /, *, dimension_numbers, **params):
         """Sparse @ dense by gathering the dense operand's rows at the stored
         coordinates and summing the products into the output's rows."""
         out_dtype = _dot_dtype(self, other, params)
         if out_dtype is None:
             return NotImplemented
-        if isinstance(other, BCOO):
-            return _sparse_sparse(self, other, dimension_numbers, out_dtype)
-        if isinstance(other, Value):
-            return NotImplemented
         return _sparse_dense(self, jnp.asarray(other), dimension_numbers, out_dtype)
 
-    def rdot_general(self, other: Any, /, *, dimension_numbers, **params):
+    @handler("rdot_general")
+    def _rdot_dense(self, other: ArrayLike, /, *, dimension_numbers, **params):
         """Dense @ sparse: sparse @ dense with the roles swapped, then transposed."""
-        lhs, rhs = other, self  # reflected: self is operand 1
-        out_dtype = _dot_dtype(rhs, lhs, params)
-        if out_dtype is None or isinstance(lhs, Value):
+        out_dtype = _dot_dtype(self, other, params)
+        if out_dtype is None:
             return NotImplemented
-        lhs = jnp.asarray(lhs)
+        lhs = jnp.asarray(other)
         (lc, rc), (lb, rb) = dimension_numbers
-        swapped = _sparse_dense(rhs, lhs, ((rc, lc), (rb, lb)), out_dtype)
+        swapped = _sparse_dense(self, lhs, ((rc, lc), (rb, lb)), out_dtype)
         if swapped is NotImplemented:
             return NotImplemented
         nb = len(lb)
-        n_sparse_free = rhs.ndim - len(rc) - len(rb)
+        n_sparse_free = self.ndim - len(rc) - len(rb)
         n_dense_free = lhs.ndim - len(lc) - len(lb)
         perm = (
             *range(nb),
@@ -228,43 +235,47 @@ class BCOO(ArrayValue):
 
     # -- elementwise --
 
-    def mul(self, other: Any, /, **params):
-        """By a scalar, or by a dense array of the same shape (its values are read at
-        the stored coordinates only): the result is sparse."""
-        if isinstance(other, Value):
-            return NotImplemented
+    @handler("mul", "rmul")
+    def _scale(self, other: Shaped[ArrayLike, ""], /, **params):
+        """By a scalar: the entries are scaled."""
+        return self._replace(self.data * other)
+
+    @handler("mul", "rmul")
+    def _mul_dense(self, other: ArrayLike, /, **params):
+        """By a dense array of the same rank (broadcasting size-1 dims): its values
+        are read at the stored coordinates only, and the result is sparse."""
         other = jnp.asarray(other)
-        if other.shape == ():
-            return self._replace(self.data * other)
         if other.ndim != self.ndim:
             return NotImplemented
         # `lax.mul` broadcasts size-1 dims; reading at the coordinates fuses with it.
         other = jnp.broadcast_to(other, self._shape)
         return self._replace(self.data * self._extract(other))
 
-    rmul = mul
-
-    def div(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    @handler("div")
+    def _div_scalar(self, other: Shaped[ArrayLike, ""], /, **params):
         return self._replace(_div(self.data, other))
 
-    def add(self, other: Any, /, **params):
-        """Sparse + sparse concatenates the entries; sparse + dense adds the entries
-        into the dense operand."""
-        return self._add(other, negate_other=False)
+    @handler("add", "radd", "add_any", "radd_any")
+    def _add_sparse(self, other: "BCOO", /, **params):
+        """Sparse + sparse concatenates the entries."""
+        return self._concat(other, negate_other=False)
 
-    def radd(self, other: Any, /, **params):
-        return self._add(other, negate_other=False)
+    @handler("add", "radd", "add_any", "radd_any")
+    def _add_dense(self, other: ArrayLike, /, **params):
+        """Sparse + dense adds the entries into the dense operand."""
+        return self._scatter_into(other, negate_other=False)
 
-    add_any = add
-    radd_any = radd
+    @handler("sub")
+    def _sub_sparse(self, other: "BCOO", /, **params):
+        return self._concat(other, negate_other=True)
 
-    def sub(self, other: Any, /, **params):
-        return self._add(other, negate_other=True)
+    @handler("sub")
+    def _sub_dense(self, other: ArrayLike, /, **params):
+        return self._scatter_into(other, negate_other=True)
 
-    def rsub(self, other: Any, /, **params):
-        return self.neg()._add(other, negate_other=False)
+    @handler("rsub")
+    def _rsub_dense(self, other: ArrayLike, /, **params):
+        return self.neg()._scatter_into(other, negate_other=False)
 
     def neg(self, **params):
         return self._replace(-self.data)
@@ -473,30 +484,27 @@ class BCOO(ArrayValue):
 
         return _over_batch(one, self.n_batch)(dense, self.indices)
 
-    def _add(self, other: Any, *, negate_other: bool) -> Any:
-        if isinstance(other, BCOO):
-            same = (
-                other._shape == self._shape
-                and other.n_batch == self.n_batch
-                and other.n_dense == self.n_dense
-            )
-            if not same:
-                return NotImplemented
-            odata = -other.data if negate_other else other.data
-            idtype = jnp.promote_types(self.indices.dtype, other.indices.dtype)
-            nb = self.n_batch
-            data = jnp.concatenate([self.data, odata.astype(self.data.dtype)], nb)
-            indices = jnp.concatenate(
-                [self.indices.astype(idtype), other.indices.astype(idtype)], nb
-            )
-            return BCOO(
-                data,
-                indices,
-                self._shape,
-                self.allow_materialise or other.allow_materialise,
-            )
-        if isinstance(other, Value):
+    def _concat(self, other: "BCOO", *, negate_other: bool) -> Any:
+        """Sparse +/- sparse of the same layout: one longer list of entries."""
+        same = (
+            other._shape == self._shape
+            and other.n_batch == self.n_batch
+            and other.n_dense == self.n_dense
+        )
+        if not same:
             return NotImplemented
+        odata = -other.data if negate_other else other.data
+        idtype = jnp.promote_types(self.indices.dtype, other.indices.dtype)
+        nb = self.n_batch
+        data = jnp.concatenate([self.data, odata.astype(self.data.dtype)], nb)
+        indices = jnp.concatenate(
+            [self.indices.astype(idtype), other.indices.astype(idtype)], nb
+        )
+        allow = self.allow_materialise or other.allow_materialise
+        return BCOO(data, indices, self._shape, allow)
+
+    def _scatter_into(self, other: ArrayLike, *, negate_other: bool) -> Array:
+        """`other +/- self` as a dense array: the entries scatter-added into it."""
         other = jnp.broadcast_to(jnp.asarray(other), self._shape)
         if negate_other:
             other = -other
@@ -829,6 +837,6 @@ def _over_batch(fn: Callable, n_batch: int) -> Callable:
     return fn
 
 
-def _div(x: Array, scalar: Array) -> Array:
+def _div(x: Array, scalar: ArrayLike) -> Array:
     """`lax.div` by a scalar (integer division truncates, as the primitive does)."""
     return lax.div(x, jnp.broadcast_to(scalar, x.shape).astype(x.dtype))

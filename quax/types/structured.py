@@ -16,54 +16,43 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Shaped
 
 from .._quaxify import quaxify
+from .._table import handler
 from .._values import ArrayValue, Value
+
+
+Scalar = Shaped[ArrayLike, ""]
+Dense2D = Shaped[ArrayLike, "rows cols"]
 
 
 class _Matrix(ArrayValue):
     """Shared by the structured matrices: `dot_general` with a dense operand on either
     side, given how the matrix (or its transpose) applies to a dense array whose axis
     0 it contracts (`_apply`). Any contraction of one matrix axis with one axis of the
-    other operand is accepted; dot batch dims decline (and so materialise)."""
+    other operand is accepted; dot batch dims decline (and so materialise). Each
+    subclass adds its structure-keeping products with other structured matrices."""
 
     def _apply(self, z: Array, transpose: bool) -> Array:
         """`self @ z` (or `self.T @ z`) for a dense `z` of shape `(k, *rest)`."""
         raise NotImplementedError
 
-    def _matmul(self, other: Any, transpose: bool) -> Any:
-        """`self @ other` (or `self.T @ other`) with `other` a structured matrix:
-        NotImplemented unless the class has a structure-keeping rule."""
-        return NotImplemented
-
-    def _rmatmul(self, other: Any, transpose: bool) -> Any:
-        """`other @ self` (or `other @ self.T`) with `other` a structured matrix."""
-        return NotImplemented
-
-    def dot_general(self, other: Any, /, *, dimension_numbers, **params):
-        out_dtype = _dot_dtype(self, other, params)
-        (lc, rc), (lb, rb) = dimension_numbers
-        if out_dtype is None or lb or rb or len(lc) != 1:
+    @handler("dot_general")
+    def _dot_dense(self, other: ArrayLike, /, *, dimension_numbers, **params):
+        """`M @ x` (or `M.T @ x`): the matrix applied to a dense `x`."""
+        how = _contraction(self, other, dimension_numbers, params, reflected=False)
+        if how is None:
             return NotImplemented
-        transpose = tuple(lc) == (0,)  # self's rows contracted: self.T @ other
-        if isinstance(other, Value):
-            if len(_shape(other)) != 2 or tuple(rc) != (0,):
-                return NotImplemented
-            return _cast(self._matmul(other, transpose), out_dtype)
-        z = jnp.moveaxis(jnp.asarray(other), rc[0], 0).astype(out_dtype)
+        transpose, axis, dtype = how
+        z = jnp.moveaxis(jnp.asarray(other), axis, 0).astype(dtype)
         return self._apply(z, transpose)
 
-    def rdot_general(self, other: Any, /, *, dimension_numbers, **params):
-        lhs = other  # reflected: self is operand 1
-        out_dtype = _dot_dtype(self, lhs, params)
-        (lc, rc), (lb, rb) = dimension_numbers
-        if out_dtype is None or lb or rb or len(rc) != 1:
+    @handler("rdot_general")
+    def _rdot_dense(self, other: ArrayLike, /, *, dimension_numbers, **params):
+        """`x @ M` (or `x @ M.T`) for a dense `x`: `(M.T @ x.T).T`."""
+        how = _contraction(self, other, dimension_numbers, params, reflected=True)
+        if how is None:
             return NotImplemented
-        # lhs @ self contracts self's rows: (self.T @ lhs.T).T, and vice versa.
-        transpose = tuple(rc) == (0,)
-        if isinstance(lhs, Value):
-            if len(_shape(lhs)) != 2 or tuple(lc) != (1,):
-                return NotImplemented
-            return _cast(self._rmatmul(lhs, not transpose), out_dtype)
-        z = jnp.moveaxis(jnp.asarray(lhs), lc[0], 0).astype(out_dtype)
+        transpose, axis, dtype = how
+        z = jnp.moveaxis(jnp.asarray(other), axis, 0).astype(dtype)
         return jnp.moveaxis(self._apply(z, transpose), 0, -1)
 
 
@@ -141,57 +130,65 @@ class TridiagonalMatrix(_Matrix):
         out = out + jnp.pad(_col(up, z) * z[1:], below)
         return out + jnp.pad(_col(lo, z) * z[:-1], above)
 
-    def _matmul(self, other: Any, transpose: bool) -> Any:
-        value = self.transpose(permutation=(1, 0)) if transpose else self
-        scale = _as_diagonal(other)
-        if scale is None:
-            return NotImplemented
-        # T @ D scales column j by d[j].
-        return TridiagonalMatrix(
-            value.diagonal * scale,
-            value.lower_diagonal * scale[:-1],
-            value.upper_diagonal * scale[1:],
-        )
+    def _bands(self) -> tuple[Array, Array, Array]:
+        return self.diagonal, self.lower_diagonal, self.upper_diagonal
 
-    def _rmatmul(self, other: Any, transpose: bool) -> Any:
-        value = self.transpose(permutation=(1, 0)) if transpose else self
-        scale = _as_diagonal(other)
-        if scale is None:
-            return NotImplemented
-        # D @ T scales row i by d[i].
-        return TridiagonalMatrix(
-            scale * value.diagonal,
-            scale[1:] * value.lower_diagonal,
-            scale[:-1] * value.upper_diagonal,
-        )
+    # -- products --
 
-    def jit(self, *others: Any, jaxpr, name, **params):
+    @handler("dot_general")
+    def _dot_diagonal(
+        self, other: "Diagonal | Identity", /, *, dimension_numbers, **params
+    ):
+        """`T @ D` scales column j by `d[j]`."""
+        how = _product(self, other, dimension_numbers, params, reflected=False)
+        if how is None:
+            return NotImplemented
+        transpose, dtype = how
+        t, d = self._oriented(transpose), other._diagonal()
+        out = TridiagonalMatrix(
+            t.diagonal * d, t.lower_diagonal * d[:-1], t.upper_diagonal * d[1:]
+        )
+        return _cast(out, dtype)
+
+    @handler("rdot_general")
+    def _rdot_diagonal(
+        self, other: "Diagonal | Identity", /, *, dimension_numbers, **params
+    ):
+        """`D @ T` scales row i by `d[i]`."""
+        how = _product(self, other, dimension_numbers, params, reflected=True)
+        if how is None:
+            return NotImplemented
+        transpose, dtype = how
+        t, d = self._oriented(transpose), other._diagonal()
+        out = TridiagonalMatrix(
+            d * t.diagonal, d[1:] * t.lower_diagonal, d[:-1] * t.upper_diagonal
+        )
+        return _cast(out, dtype)
+
+    def jit(self, *others: ArrayLike, jaxpr, name, **params):
         """`jnp.linalg.solve(T, b)` (a `jit` named `solve` whose body is an LU solve)
-        runs `lax.linalg.tridiagonal_solve` instead; any other `jit` declines, to be
-        walked by quax as usual."""
+        with a dense `b` runs `lax.linalg.tridiagonal_solve` instead; any other `jit`
+        declines, to be walked by quax as usual."""
         if name != "solve" or len(others) != 1 or not _is_lu_solve(jaxpr):
             return NotImplemented
         (b,) = others
-        if isinstance(b, Value) or jnp.ndim(b) not in (1, 2):
+        if jnp.ndim(b) not in (1, 2):
             return NotImplemented
         return [solve(self, b)]
 
     def transpose(self, *, permutation=(1, 0), **params):
-        if tuple(permutation) == (0, 1):
-            return self
-        return TridiagonalMatrix(
-            self.diagonal, self.upper_diagonal, self.lower_diagonal
-        )
+        return self._oriented(tuple(permutation) != (0, 1))
 
-    def mul(self, other: Any, /, **params):
-        if isinstance(other, Value):
-            return NotImplemented
-        other = jnp.asarray(other)
-        if other.shape == ():
-            return self._map(lambda x: x * other)
+    # -- elementwise --
+
+    @handler("mul", "rmul")
+    def _scale(self, other: Scalar, /, **params):
+        return self._map(lambda x: x * other)
+
+    @handler("mul", "rmul")
+    def _mul_dense(self, other: Dense2D, /, **params):
+        """Only the three diagonals of the (broadcast) dense matrix are read."""
         n = self.diagonal.shape[0]
-        if other.ndim != 2:
-            return NotImplemented
         other = jnp.broadcast_to(other, (n, n))
         return TridiagonalMatrix(
             self.diagonal * jnp.diagonal(other),
@@ -199,11 +196,8 @@ class TridiagonalMatrix(_Matrix):
             self.upper_diagonal * jnp.diagonal(other, 1),
         )
 
-    rmul = mul
-
-    def div(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    @handler("div")
+    def _div_scalar(self, other: Scalar, /, **params):
         return self._map(lambda x: _div(x, other))
 
     def neg(self, **params):
@@ -214,37 +208,34 @@ class TridiagonalMatrix(_Matrix):
             return NotImplemented
         return self._map(lambda x: lax.convert_element_type(x, new_dtype))
 
-    def add(self, other: Any, /, **params):
-        return self._add(other, 1)
+    @handler("add", "radd", "add_any", "radd_any")
+    def _add(self, other: "TridiagonalMatrix | Diagonal | Identity", /, **params):
+        """Band by band."""
+        return self._combine(other, lambda a, b: a + b)
 
-    radd = add
-    add_any = add
-    radd_any = add
+    @handler("sub")
+    def _sub(self, other: "TridiagonalMatrix | Diagonal | Identity", /, **params):
+        return self._combine(other, lambda a, b: a - b)
 
-    def sub(self, other: Any, /, **params):
-        return self._add(other, -1)
+    @handler("rsub")
+    def _rsub(self, other: "TridiagonalMatrix | Diagonal | Identity", /, **params):
+        return self._combine(other, lambda a, b: b - a)
 
-    def rsub(self, other: Any, /, **params):
-        return self.neg()._add(other, 1)
+    # -- private --
 
-    def _add(self, other: Any, sign: int) -> Any:
-        if isinstance(other, TridiagonalMatrix):
-            d, lo, up = other.diagonal, other.lower_diagonal, other.upper_diagonal
-        else:
-            d = _as_diagonal(other)
-            if d is None:
-                return NotImplemented
-            lo = up = jnp.zeros_like(self.lower_diagonal)
+    def _oriented(self, transpose: bool) -> "TridiagonalMatrix":
+        if not transpose:
+            return self
         return TridiagonalMatrix(
-            self.diagonal + sign * d,
-            self.lower_diagonal + sign * lo,
-            self.upper_diagonal + sign * up,
+            self.diagonal, self.upper_diagonal, self.lower_diagonal
         )
+
+    def _combine(self, other: Any, fn: Callable[[Array, Array], Array]) -> Any:
+        pairs = zip(self._bands(), other._bands(), strict=True)
+        return TridiagonalMatrix(*(fn(a, b) for a, b in pairs))
 
     def _map(self, fn: Callable[[Array], Array]) -> "TridiagonalMatrix":
-        return TridiagonalMatrix(
-            fn(self.diagonal), fn(self.lower_diagonal), fn(self.upper_diagonal)
-        )
+        return TridiagonalMatrix(*(fn(x) for x in self._bands()))
 
 
 class Diagonal(_Matrix):
@@ -287,33 +278,50 @@ class Diagonal(_Matrix):
     def _apply(self, z: Array, transpose: bool) -> Array:
         return _col(self.diagonal.astype(z.dtype), z) * z
 
-    def _matmul(self, other: Any, transpose: bool) -> Any:
-        scale = _as_diagonal(other)
-        return NotImplemented if scale is None else Diagonal(self.diagonal * scale)
+    def _diagonal(self) -> Array:
+        return self.diagonal
 
-    def _rmatmul(self, other: Any, transpose: bool) -> Any:
-        scale = _as_diagonal(other)
-        return NotImplemented if scale is None else Diagonal(scale * self.diagonal)
+    def _bands(self) -> tuple[Array, Array, Array]:
+        off = jnp.zeros(self.diagonal.shape[0] - 1, self.diagonal.dtype)
+        return self.diagonal, off, off
+
+    # -- products --
+
+    @handler("dot_general")
+    def _dot_diagonal(
+        self, other: "Diagonal | Identity", /, *, dimension_numbers, **params
+    ):
+        how = _product(self, other, dimension_numbers, params, reflected=False)
+        if how is None:
+            return NotImplemented
+        return _cast(Diagonal(self.diagonal * other._diagonal()), how[1])
+
+    @handler("rdot_general")
+    def _rdot_diagonal(
+        self, other: "Diagonal | Identity", /, *, dimension_numbers, **params
+    ):
+        how = _product(self, other, dimension_numbers, params, reflected=True)
+        if how is None:
+            return NotImplemented
+        return _cast(Diagonal(other._diagonal() * self.diagonal), how[1])
 
     def transpose(self, *, permutation=(1, 0), **params):
         return self
 
-    def mul(self, other: Any, /, **params):
-        if isinstance(other, Value):
-            return NotImplemented
-        other = jnp.asarray(other)
-        if other.shape == ():
-            return Diagonal(self.diagonal * other)
-        if other.ndim != 2:
-            return NotImplemented
+    # -- elementwise --
+
+    @handler("mul", "rmul")
+    def _scale(self, other: Scalar, /, **params):
+        return Diagonal(self.diagonal * other)
+
+    @handler("mul", "rmul")
+    def _mul_dense(self, other: Dense2D, /, **params):
+        """Only the diagonal of the (broadcast) dense matrix is read."""
         (n,) = self.diagonal.shape
         return Diagonal(self.diagonal * jnp.diagonal(jnp.broadcast_to(other, (n, n))))
 
-    rmul = mul
-
-    def div(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    @handler("div")
+    def _div_scalar(self, other: Scalar, /, **params):
         return Diagonal(_div(self.diagonal, other))
 
     def neg(self, **params):
@@ -324,21 +332,17 @@ class Diagonal(_Matrix):
             return NotImplemented
         return Diagonal(lax.convert_element_type(self.diagonal, new_dtype))
 
-    def add(self, other: Any, /, **params):
-        d = _as_diagonal(other)
-        return NotImplemented if d is None else Diagonal(self.diagonal + d)
+    @handler("add", "radd", "add_any", "radd_any")
+    def _add(self, other: "Diagonal | Identity", /, **params):
+        return Diagonal(self.diagonal + other._diagonal())
 
-    radd = add
-    add_any = add
-    radd_any = add
+    @handler("sub")
+    def _sub(self, other: "Diagonal | Identity", /, **params):
+        return Diagonal(self.diagonal - other._diagonal())
 
-    def sub(self, other: Any, /, **params):
-        d = _as_diagonal(other)
-        return NotImplemented if d is None else Diagonal(self.diagonal - d)
-
-    def rsub(self, other: Any, /, **params):
-        d = _as_diagonal(other)
-        return NotImplemented if d is None else Diagonal(d - self.diagonal)
+    @handler("rsub")
+    def _rsub(self, other: "Diagonal | Identity", /, **params):
+        return Diagonal(other._diagonal() - self.diagonal)
 
 
 class Identity(_Matrix):
@@ -385,32 +389,48 @@ class Identity(_Matrix):
     def _apply(self, z: Array, transpose: bool) -> Array:
         return self.scale.astype(z.dtype) * z
 
-    def _matmul(self, other: Any, transpose: bool) -> Any:
-        # Dispatch again: `scale * other` keeps other's structure where it can.
-        return quaxify(jnp.multiply)(self.scale, other)
+    def _diagonal(self) -> Array:
+        return jnp.full((self.dim,), self.scale)
 
-    def _rmatmul(self, other: Any, transpose: bool) -> Any:
-        return quaxify(jnp.multiply)(other, self.scale)
+    def _bands(self) -> tuple[Array, Array, Array]:
+        off = jnp.zeros(max(self.dim - 1, 0), self.scale.dtype)
+        return self._diagonal(), off, off
+
+    # -- products --
+
+    @handler("dot_general")
+    def _dot_value(self, other: Value, /, *, dimension_numbers, **params):
+        """`I @ V` is `scale * V`, dispatched again: it keeps `V`'s structure where
+        `V`'s `mul` does."""
+        how = _product(self, other, dimension_numbers, params, reflected=False)
+        if how is None:
+            return NotImplemented
+        return _cast(quaxify(jnp.multiply)(self.scale, other), how[1])
+
+    @handler("rdot_general")
+    def _rdot_value(self, other: Value, /, *, dimension_numbers, **params):
+        how = _product(self, other, dimension_numbers, params, reflected=True)
+        if how is None:
+            return NotImplemented
+        return _cast(quaxify(jnp.multiply)(other, self.scale), how[1])
 
     def transpose(self, *, permutation=(1, 0), **params):
         return self
 
-    def mul(self, other: Any, /, **params):
-        if isinstance(other, Value):
-            return NotImplemented
-        other = jnp.asarray(other)
-        if other.shape == ():
-            return Identity(self.dim, self.scale * other)
-        if other.ndim != 2:
-            return NotImplemented
+    # -- elementwise --
+
+    @handler("mul", "rmul")
+    def _scale(self, other: Scalar, /, **params):
+        return Identity(self.dim, self.scale * other)
+
+    @handler("mul", "rmul")
+    def _mul_dense(self, other: Dense2D, /, **params):
+        """A `Diagonal`: only the diagonal of the (broadcast) dense matrix is read."""
         n = self.dim
         return Diagonal(self.scale * jnp.diagonal(jnp.broadcast_to(other, (n, n))))
 
-    rmul = mul
-
-    def div(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    @handler("div")
+    def _div_scalar(self, other: Scalar, /, **params):
         return Identity(self.dim, _div(self.scale, other))
 
     def neg(self, **params):
@@ -421,18 +441,12 @@ class Identity(_Matrix):
             return NotImplemented
         return Identity(self.dim, lax.convert_element_type(self.scale, new_dtype))
 
-    def add(self, other: Any, /, **params):
-        if not isinstance(other, Identity):
-            return NotImplemented
+    @handler("add", "radd", "add_any", "radd_any")
+    def _add(self, other: "Identity", /, **params):
         return Identity(self.dim, self.scale + other.scale)
 
-    radd = add
-    add_any = add
-    radd_any = add
-
-    def sub(self, other: Any, /, **params):
-        if not isinstance(other, Identity):
-            return NotImplemented
+    @handler("sub")
+    def _sub(self, other: "Identity", /, **params):
         return Identity(self.dim, self.scale - other.scale)
 
 
@@ -449,7 +463,12 @@ class Kronecker(_Matrix):
     | `transpose` | `Kronecker` of the transposed factors |
     | `mul` by a scalar, `div` by a scalar, `neg` | `Kronecker` (applied to `left`) |
     | `convert_element_type` | `Kronecker` |
-    | `add`, `sub` and anything else | materialised |
+    | `add`/`sub` (with a `Kronecker` too), anything else | materialised |
+
+    A sum of Kronecker products is one only when they share a factor
+    (`A ⊗ B + A ⊗ C = A ⊗ (B + C)`), and whether two traced factors are equal is
+    known only when the program runs, not while quax traces it (two uses of one
+    array reach a handler as distinct tracers): so `add` and `sub` materialise.
     """
 
     left: Any
@@ -492,9 +511,15 @@ class Kronecker(_Matrix):
         z = matmul(right, z).reshape(p, m, *rest)
         return jnp.moveaxis(z, 0, 1).reshape(m * p, *rest).astype(dtype)
 
-    def _matmul(self, other: Any, transpose: bool) -> Any:
-        if not isinstance(other, Kronecker):
+    # -- products --
+
+    @handler("dot_general")
+    def _dot_kronecker(self, other: "Kronecker", /, *, dimension_numbers, **params):
+        """`(A ⊗ B) @ (C ⊗ D) = (A @ C) ⊗ (B @ D)` when the factors conform."""
+        how = _product(self, other, dimension_numbers, params, reflected=False)
+        if how is None:
             return NotImplemented
+        transpose, dtype = how
         value = self.transpose(permutation=(1, 0)) if transpose else self
         conforming = _shape(value.left)[1] == _shape(other.left)[0] and (
             _shape(value.right)[1] == _shape(other.right)[0]
@@ -502,25 +527,24 @@ class Kronecker(_Matrix):
         if not conforming:
             return NotImplemented
         matmul = quaxify(jnp.matmul)
-        return Kronecker(
+        out = Kronecker(
             matmul(value.left, other.left), matmul(value.right, other.right)
         )
+        return _cast(out, dtype)
 
     def transpose(self, *, permutation=(1, 0), **params):
         if tuple(permutation) == (0, 1):
             return self
         return Kronecker(_t(self.left), _t(self.right))
 
-    def mul(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    # -- elementwise --
+
+    @handler("mul", "rmul")
+    def _scale(self, other: Scalar, /, **params):
         return Kronecker(quaxify(jnp.multiply)(self.left, other), self.right)
 
-    rmul = mul
-
-    def div(self, other: Any, /, **params):
-        if isinstance(other, Value) or jnp.shape(other) != ():
-            return NotImplemented
+    @handler("div")
+    def _div_scalar(self, other: Scalar, /, **params):
         if not jnp.issubdtype(self.dtype, jnp.inexact):
             return NotImplemented  # integer division does not distribute
         return Kronecker(quaxify(jnp.divide)(self.left, other), self.right)
@@ -586,6 +610,36 @@ def _dot_dtype(matrix: ArrayValue, other: Any, params: dict[str, Any]) -> Any:
     return jnp.result_type(matrix.dtype, other.dtype)
 
 
+def _contraction(
+    matrix: ArrayValue, other: Any, dimension_numbers: Any, params: Any, reflected: bool
+) -> tuple[bool, int, Any] | None:
+    """How a `dot_general` of `matrix` with a dense `other` runs: `(transpose, axis,
+    dtype)` (apply `matrix.T` if `transpose`, to `other` with its contracted `axis`
+    moved first; the result in `dtype`), or None to decline: batch dims, or more than
+    one contracted axis."""
+    dtype = _dot_dtype(matrix, other, params)
+    (lc, rc), (lb, rb) = dimension_numbers
+    mine, theirs = (rc, lc) if reflected else (lc, rc)
+    if dtype is None or lb or rb or len(mine) != 1:
+        return None
+    # Contracting M's rows applies `M.T`: `M.T @ x`, or `x @ M = (M.T @ x.T).T`.
+    return tuple(mine) == (0,), theirs[0], dtype
+
+
+def _product(
+    matrix: ArrayValue, other: Any, dimension_numbers: Any, params: Any, reflected: bool
+) -> tuple[bool, Any] | None:
+    """How a `dot_general` of `matrix` with another 2-D matrix `other` (a value) is a
+    matrix product: `(transpose, dtype)` for `matrix @ other` (`other @ matrix` if
+    `reflected`) with `matrix.T` in place of `matrix` if `transpose`; or None to
+    decline (batch dims, `other` not 2-D or not contracted along its inner axis)."""
+    how = _contraction(matrix, other, dimension_numbers, params, reflected)
+    if how is None or len(_shape(other)) != 2 or how[1] != (1 if reflected else 0):
+        return None
+    # `other @ M` contracts M's rows: M itself (`other @ M.T` contracts its columns).
+    return how[0] != reflected, how[2]
+
+
 def _cast(x: Any, dtype: Any) -> Any:
     if x is NotImplemented or x.dtype == dtype:
         return x
@@ -599,15 +653,6 @@ def _cast_all(arrays: tuple[Array, ...], dtype: Any) -> tuple[Array, ...]:
 def _col(v: Array, like: Array) -> Array:
     """A vector along axis 0, shaped to broadcast against `like`."""
     return v.reshape(v.shape[0], *(1,) * (like.ndim - 1))
-
-
-def _as_diagonal(x: Any) -> Array | None:
-    """The diagonal of a `Diagonal` or `Identity`, else None."""
-    if isinstance(x, Diagonal):
-        return x.diagonal
-    if isinstance(x, Identity):
-        return jnp.full((x.dim,), x.scale)
-    return None
 
 
 def _is_lu_solve(closed_jaxpr: Any) -> bool:
@@ -636,6 +681,6 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
-def _div(x: Array, scalar: Array) -> Array:
+def _div(x: Array, scalar: ArrayLike) -> Array:
     """`lax.div` by a scalar (integer division truncates, as the primitive does)."""
     return lax.div(x, jnp.broadcast_to(scalar, x.shape).astype(x.dtype))

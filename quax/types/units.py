@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
+from .._errors import QuaxError
 from .._table import handler
 from .._values import ArrayValue
 
@@ -28,8 +29,10 @@ from .._values import ArrayValue
 P = jexc.primitives
 
 
-class UnitError(ValueError):
-    """Raised when units do not fit: `m + s`, `exp(m)`, `m ** x` with a traced `x`."""
+class UnitError(QuaxError, ValueError):
+    """Raised when units do not fit: `m + s`, `m + 1.0`, `m ** x` with a traced `x`,
+    or a quantity would become a plain array (`exp(m)`). quax's own error (a
+    `quax.QuaxError`), raised while tracing, at the user's line."""
 
 
 # -- units ------------------------------------------------------------------------------
@@ -198,13 +201,6 @@ _MSG_MATERIALISE = (
 )
 
 
-def _split(x: Any) -> tuple[Any, Unit]:
-    """`(array, unit)` of a quantity; a plain operand is dimensionless."""
-    if isinstance(x, Unitful):
-        return x.array, x.unit
-    return x, dimensionless
-
-
 def _cast(x: Any, like: Any) -> Any:
     """`x` with the dtype of `like` (a converted quantity keeps its dtype)."""
     return jax.lax.convert_element_type(x, jax.typeof(like).dtype)
@@ -275,9 +271,7 @@ def _keeps(prim: jexc.Primitive) -> Callable[..., Any]:
     """The handler for a primitive whose result has its operand 0's unit (the other
     operands, if any, are plain: indices, sizes)."""
 
-    def handler(self: "Unitful", *operands: Any, **params: Any) -> Any:
-        if any(isinstance(x, Unitful) for x in operands):
-            return NotImplemented
+    def handler(self: "Unitful", *operands: ArrayLike, **params: Any) -> Any:
         return Unitful(prim.bind(self.array, *operands, **params), self.unit)
 
     handler.__doc__ = f"`{prim.name}`: the same unit."
@@ -305,8 +299,8 @@ class Unitful(ArrayValue):
     | `add`, `sub`, `max`, `min`, `rem`, `nextafter`, `atan2` | compatible units (the right operand is converted to the left's); `atan2` is dimensionless |
     | `eq`, `ne`, `lt`, `le`, `gt`, `ge` | compatible units; a plain boolean array |
     | `select_n` (`jnp.where`), `concatenate`, `clamp`, `dynamic_update_slice`, `pad` (any operand position) | compatible units |
-    | `neg`, `abs`, `floor`, `ceil`, `round`, `real`, `imag`, `conj`, `copy`, `reduce_sum`/`max`/`min`, `cumsum`/`max`/`min`, `transpose`, `reshape`, `broadcast_in_dim`, `squeeze`, `rev`, `slice`, `dynamic_slice`, `gather`, `convert_element_type`, `reduce_precision` | same unit |
-    | `sign`, `argmax`, `argmin`, `is_finite` | plain array |
+    | `neg`, `abs`, `floor`, `ceil`, `round`, `real`, `imag`, `conj`, `copy`, `reduce_sum`/`max`/`min`, `cumsum`/`max`/`min`, `transpose`, `reshape`, `broadcast_in_dim`, `squeeze`, `rev`, `slice`, `dynamic_slice`, `gather`, `convert_element_type` (but to `bool`), `reduce_precision` | same unit |
+    | `sign`, `argmax`, `argmin`, `is_finite`, `convert_element_type` to `bool` (is nonzero) | plain array |
     | `lu`, `triangular_solve` (either side), `cholesky`, `eigh`, `custom_linear_solve` (`jnp.linalg.solve`, `inv`) | units of the factors / solution |
     | `lax.scan` `xs`/`ys`/carry, `cond`, `while` | kept (sliced and stacked leaf by leaf) |
     | anything else (`exp`, `sin`, `log`, ...) | error naming the primitive: a quantity never materialises |
@@ -347,21 +341,48 @@ class Unitful(ArrayValue):
         """This quantity's numbers in `unit`: `(3 * km).to_value(m) == 3000`."""
         return self.to(unit).array
 
-    # -- units combine --
+    # -- units combine: one handler per (operand kinds) --
 
-    def mul(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
-        a, ua = _split(other)
-        return _wrap(P.mul_p.bind(self.array, a, **params), self.unit * ua)
+    @handler("mul")
+    def _mul(self, other: "Unitful", /, **params: Any) -> Any:
+        out = P.mul_p.bind(self.array, other.array, **params)
+        return _wrap(out, self.unit * other.unit)
 
-    def rmul(self, other: ArrayLike, /, **params: Any) -> Any:
+    @handler("mul")
+    def _mul_plain(self, other: ArrayLike, /, **params: Any) -> Any:
+        return _wrap(P.mul_p.bind(self.array, other, **params), self.unit)
+
+    @handler("rmul")
+    def _rmul_plain(self, other: ArrayLike, /, **params: Any) -> Any:
         return _wrap(P.mul_p.bind(other, self.array, **params), self.unit)
 
-    def div(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
-        a, ua = _split(other)
-        return _wrap(P.div_p.bind(self.array, a, **params), self.unit / ua)
+    @handler("div")
+    def _div(self, other: "Unitful", /, **params: Any) -> Any:
+        out = P.div_p.bind(self.array, other.array, **params)
+        return _wrap(out, self.unit / other.unit)
 
-    def rdiv(self, other: ArrayLike, /, **params: Any) -> Any:
+    @handler("div")
+    def _div_plain(self, other: ArrayLike, /, **params: Any) -> Any:
+        return _wrap(P.div_p.bind(self.array, other, **params), self.unit)
+
+    @handler("rdiv")
+    def _rdiv_plain(self, other: ArrayLike, /, **params: Any) -> Any:
         return _wrap(P.div_p.bind(other, self.array, **params), self.unit**-1)
+
+    @handler("dot_general")
+    def _dot(self, other: "Unitful", /, **params: Any) -> Any:
+        out = P.dot_general_p.bind(self.array, other.array, **params)
+        return _wrap(out, self.unit * other.unit)
+
+    @handler("dot_general")
+    def _dot_plain(self, other: ArrayLike, /, **params: Any) -> Any:
+        return _wrap(P.dot_general_p.bind(self.array, other, **params), self.unit)
+
+    @handler("rdot_general")
+    def _rdot_plain(self, other: ArrayLike, /, **params: Any) -> Any:
+        return _wrap(P.dot_general_p.bind(other, self.array, **params), self.unit)
+
+    # -- powers and roots: the unit to that power --
 
     def integer_pow(self, /, *, y: int) -> Any:
         return _wrap(P.integer_pow_p.bind(self.array, y=y), self.unit**y)
@@ -391,13 +412,6 @@ class Unitful(ArrayValue):
     def square(self, /, **params: Any) -> Any:
         return _wrap(P.square_p.bind(self.array, **params), self.unit**2)
 
-    def dot_general(self, other: "ArrayLike | Unitful", /, **params: Any) -> Any:
-        a, ua = _split(other)
-        return _wrap(P.dot_general_p.bind(self.array, a, **params), self.unit * ua)
-
-    def rdot_general(self, other: ArrayLike, /, **params: Any) -> Any:
-        return _wrap(P.dot_general_p.bind(other, self.array, **params), self.unit)
-
     def reduce_prod(self, /, *, axes: tuple[int, ...], **params: Any) -> Any:
         shape = jax.typeof(self.array).shape
         count = math.prod(shape[i] for i in axes)
@@ -425,8 +439,7 @@ class Unitful(ArrayValue):
     @handler("select_n", operands="all")
     @staticmethod
     def _where(which: ArrayLike, *cases: Any, **params: Any) -> Any:
-        if isinstance(which, Unitful):
-            return NotImplemented  # a quantity as the predicate
+        # A plain predicate (a quantity as the predicate is declined by annotation).
         unit = _first_unit(cases)
         arrays = [_in_unit(x, unit, "select_n") for x in cases]
         return Unitful(P.select_n_p.bind(which, *arrays, **params), unit)
@@ -485,7 +498,13 @@ class Unitful(ArrayValue):
     slice = _keeps(P.slice_p)
     dynamic_slice = _keeps(P.dynamic_slice_p)
     gather = _keeps(P.gather_p)
-    convert_element_type = _keeps(P.convert_element_type_p)
+
+    def convert_element_type(self, /, *, new_dtype: Any, **params: Any) -> Any:
+        """The same unit; to `bool` (whether each entry is nonzero, the same in every
+        unit: `jnp.any(q)`, `jnp.all(q)`) a plain array."""
+        out = P.convert_element_type_p.bind(self.array, new_dtype=new_dtype, **params)
+        return out if new_dtype == jnp.bool_ else Unitful(out, self.unit)
+
     reduce_precision = _keeps(P.reduce_precision_p)
 
     # -- plain results --
@@ -503,16 +522,25 @@ class Unitful(ArrayValue):
         lu, pivots, perm = P.lu_p.bind(self.array, **params)
         return [Unitful(lu, self.unit), pivots, perm]
 
-    def triangular_solve(
-        self, b: "ArrayLike | Unitful", /, *, unit_diagonal: bool, **params: Any
-    ) -> Any:
-        # An implicit unit diagonal is only consistent with a dimensionless matrix.
-        ua = dimensionless if unit_diagonal else self.unit
-        b_arr, ub = _split(b)
+    @handler("triangular_solve")
+    def _solve(self, b: "Unitful", /, *, unit_diagonal: bool, **params: Any) -> Any:
         out = P.triangular_solve_p.bind(
-            self.array, b_arr, unit_diagonal=unit_diagonal, **params
+            self.array, b.array, unit_diagonal=unit_diagonal, **params
         )
-        return _wrap(out, ub / ua)
+        return _wrap(out, b.unit / self._solve_unit(unit_diagonal))
+
+    @handler("triangular_solve")
+    def _solve_plain(
+        self, b: ArrayLike, /, *, unit_diagonal: bool, **params: Any
+    ) -> Any:
+        out = P.triangular_solve_p.bind(
+            self.array, b, unit_diagonal=unit_diagonal, **params
+        )
+        return _wrap(out, self._solve_unit(unit_diagonal) ** -1)
+
+    def _solve_unit(self, unit_diagonal: bool) -> Unit:
+        # An implicit unit diagonal is only consistent with a dimensionless matrix.
+        return dimensionless if unit_diagonal else self.unit
 
     def rtriangular_solve(
         self, a: ArrayLike, /, *, unit_diagonal: bool, **params: Any
@@ -541,4 +569,5 @@ class Unitful(ArrayValue):
         out = P.linear_solve_p.bind(
             self.array, *stripped, const_lengths=const_lengths, **params
         )
-        return [_wrap(x, _split(b)[1] / self.unit) for x in out]
+        unit = b.unit if isinstance(b, Unitful) else dimensionless
+        return [_wrap(x, unit / self.unit) for x in out]

@@ -7,8 +7,14 @@ Python scalars such as -0.0, NaN and inf; reductions; reshapes and transposes;
 updates; dynamic slices; concatenate/stack/split; where, sort, clip; cond, switch, while,
 fori, scan (the value as carry, xs or constant), map, checkpoint, nested jit;
 `custom_jvp` and `custom_vjp` functions). A program starts from a value made by a
-builder of `tests/builders.py` (every entry of `BUILDERS`: each type added there is
-fuzzed automatically) and returns every intermediate result. It runs through
+builder of `tests/builders.py` (every entry of `FUZZ_BUILDERS`: each type added there
+is fuzzed automatically) and returns every intermediate result. Only operations JAX
+accepts on the dense array are drawn, so a program on PRNG keys (`prng`) holds the
+structural operations JAX allows on typed keys and the `jax.random` functions of
+`fuzz.ops.RANDOM` (drawn for keys only); keys are compared by their bits. A quantity
+(`units`) never materialises: it is compared by its numbers in base units
+(`builders.numbers`), and a `quax.units.UnitError` for a formula that mixes units is a
+deliberate refusal. It runs through
 `quax.quaxify` and on the value's dense array, in each of `fuzz.check.MODES` (eager,
 under `jax.jit`, `jax.grad` and `jax.vmap`, outside and inside `quaxify`), and the two
 must agree: shapes, dtypes and weak types exactly, values within a tolerance for the

@@ -27,15 +27,20 @@ CATALOGUE: dict[str, Any] = {}
 
 
 def register(
-    *names: str, body: bool = False, control: bool = False, weight: int = 1
+    *names: str,
+    body: bool = False,
+    control: bool = False,
+    weight: int = 1,
+    kinds: tuple[str, ...] | None = None,
 ) -> Callable:
     """Register a draw function (`draw(name, gen, x, depth)`) under each of `names`.
     `body`: usable in a loop or branch body; `control`: has bodies of its own;
-    `weight`: how often it is drawn, relative to an elementwise operation."""
+    `weight`: how often it is drawn, relative to an elementwise operation; `kinds`:
+    the builder kinds whose programs draw it (None: every kind)."""
 
     def decorate(fn):
         for name in names:
-            CATALOGUE[name] = _Entry(ft.partial(fn, name), body, control, weight)
+            CATALOGUE[name] = _Entry(ft.partial(fn, name), body, control, weight, kinds)
         return fn
 
     return decorate
@@ -47,6 +52,7 @@ class _Entry:
     body: bool
     control: bool
     weight: int
+    kinds: tuple[str, ...] | None
 
 
 # -- operands ------------------------------------------------------------------------
@@ -1481,8 +1487,50 @@ def _draw_custom(name, gen, x, depth):
     return Custom(name)
 
 
+# -- PRNG keys -----------------------------------------------------------------------
+
+RANDOM: dict[str, Callable[[Any, Any], Any]] = {
+    "random_uniform": lambda k, env: jax.random.uniform(k, (2,)),
+    "random_normal": lambda k, env: jax.random.normal(k, (2,)),
+    "random_bits": lambda k, env: jax.random.bits(k, (2,)),
+    "random_randint": lambda k, env: jax.random.randint(k, (2,), -5, 5),
+    "random_split": lambda k, env: jax.random.split(k, 2),
+    "random_fold_in": lambda k, env: jax.random.fold_in(k, 7),
+    "random_fold_in_s": lambda k, env: jax.random.fold_in(
+        k, jnp.nan_to_num(env.s).astype(jnp.int32)
+    ),
+    "random_key_data": lambda k, env: jax.random.key_data(k),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Random:
+    """A `jax.random` function of each key of `x` (a key array), as a user vmaps it
+    over a batch of keys."""
+
+    fn: str
+
+    def apply(self, x, env):
+        fn = lambda k: RANDOM[self.fn](k, env)
+        for _ in range(x.ndim):
+            fn = jax.vmap(fn)
+        return fn(x)
+
+
+@register(*RANDOM, body=True, weight=3, kinds=("prng",))
+def _draw_random(name, gen, x, depth):
+    return Random(name)
+
+
 # -- the tables drawn from -------------------------------------------------------------
 
 NAMES: tuple[str, ...] = tuple(CATALOGUE)
+
+
+def names_for(kind: str) -> tuple[str, ...]:
+    """The catalogue names drawn in programs on a value of builder `kind`."""
+    return tuple(n for n, e in CATALOGUE.items() if e.kinds is None or kind in e.kinds)
+
+
 BODY_NAMES: tuple[str, ...] = tuple(n for n, e in CATALOGUE.items() if e.body)
 CONTROL_NAMES: tuple[str, ...] = tuple(n for n, e in CATALOGUE.items() if e.control)

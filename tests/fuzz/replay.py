@@ -10,10 +10,10 @@ from .check import check
 
 def variants(kind: str, count: int = 3) -> list[tuple[Any, Any]]:
     """The values a fuzzed test of `kind` draws from (made once per process)."""
-    from builders import BUILDERS
+    from builders import FUZZ_BUILDERS
 
     if kind not in _VARIANTS:
-        _VARIANTS[kind] = [BUILDERS[kind](jr.key(i)) for i in range(count)]
+        _VARIANTS[kind] = [FUZZ_BUILDERS[kind](jr.key(i)) for i in range(count)]
     return _VARIANTS[kind]
 
 
