@@ -3,6 +3,7 @@ sets `--xla_force_host_platform_device_count=8`), against dense arrays on one de
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -251,7 +252,7 @@ def test_sharded_lora_demo():
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "examples"))
     try:
-        import lora_sharded
+        import lora_sharded  # pyright: ignore[reportMissingImports]
     finally:
         sys.path.pop(0)
     r = lora_sharded.main(width=32, depth=1, heads=2, batch=16, steps=2, quiet=True)

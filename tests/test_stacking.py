@@ -225,7 +225,9 @@ def test_lora_stack_as_xs_and_ys(getkey):
 
 def test_lowrank_default_hooks_from_scan_leafwise(getkey):
     ws, _ = make_lowrank(getkey(), shape=(4, 3, 3), rank=2)
-    arrays, rebuild = ws.unstack(4)
+    hook = ws.unstack(4)
+    assert hook is not None
+    arrays, rebuild = hook
     assert len(arrays) == 3
     piece = rebuild([a[1] for a in arrays])
     assert tree_allclose(piece, densify(ws)[1], rtol=1e-4, atol=1e-4)

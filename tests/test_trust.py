@@ -8,6 +8,7 @@ import struct
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -210,9 +211,9 @@ def test_quaxify_keeps_function_metadata():
     assert f.__qualname__ == "_documented"
     assert f.__doc__ == "Adds."
     assert f.__module__ == __name__
-    assert f.__wrapped__ is _documented
+    assert f.__wrapped__ is _documented  # pyright: ignore[reportFunctionMemberAccess]
     p = quax.quaxify(functools.partial(_documented, 1))
-    assert p.__wrapped__.func is _documented
+    assert p.__wrapped__.func is _documented  # pyright: ignore[reportFunctionMemberAccess]
     assert p.__doc__ == functools.partial(_documented, 1).__doc__
 
     class Layer(eqx.Module):
@@ -297,7 +298,7 @@ def test_strict_warn_and_clean_program():
         )
     assert isinstance(out, Zero)
     with pytest.raises(ValueError, match="one of"):
-        quax.quaxify(_densifies, materialise="never")
+        quax.quaxify(_densifies, materialise="never")  # pyright: ignore[reportArgumentType]
 
 
 def test_strict_inside_control_flow():
@@ -355,7 +356,7 @@ def test_trace_cache_is_bounded_lru():
 class _BadAval(quax.ArrayValue):
     array: jax.Array
 
-    def aval(self):
+    def aval(self):  # pyright: ignore[reportIncompatibleMethodOverride]
         return self.array.shape  # a shape, not an abstract value
 
     def materialise(self):
