@@ -136,18 +136,26 @@ def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] |
         return None
 
 
+_SEEN = object()  # `_Meta.rewritten`: walked in a trace once, not rewritten yet
+
+
 def _run_rewritten(
     closed_jaxpr: Any, meta: _Meta, fed: list[Any], fn: Any
 ) -> list[Any] | None:
     """Inside a `jit` or `make_jaxpr` trace, the walked program is a function of the
-    trace key alone: walk it once into a jaxpr over the inputs' leaves (cached with
-    the trace) and bind that as one `jit` equation, as `jax.jit` does for a function
-    it has traced before. None elsewhere (eagerly, or under `grad`/`vmap`, where
+    trace key alone: from the second such trace on, walk it once into a jaxpr over
+    the inputs' leaves (cached with the trace) and bind that as one `jit` equation,
+    as `jax.jit` does for a function it has traced before. None elsewhere (eagerly, or under `grad`/`vmap`, where
     handlers may see their operands' tracers), and the caller walks."""
     if meta.rewritten is False or _compat.staging_trace() is None:
         return None
-    leaves, spec = flatten_operands(fed)
     if meta.rewritten is None:
+        # The first time, walk into the trace itself (copying is cheap there, and a
+        # program traced once is not worth a second jaxpr); from the second, bind.
+        meta.rewritten = _SEEN
+        return None
+    leaves, spec = flatten_operands(fed)
+    if meta.rewritten is _SEEN:
         entry = walk_to_jaxpr(closed_jaxpr, fed, (False,) * len(fed), leaves, spec)
         if entry is None:  # closed over an outer trace's tracers
             meta.rewritten = False

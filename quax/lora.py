@@ -88,7 +88,9 @@ def loraify(
     keys = jr.split(key, max(len(chosen), 1))
     leaves = [leaf for _, leaf in flat]
 
-    def adapt(weight: Any, subkey: Any, row_ndim: int) -> LoraArray:
+    def adapt(
+        weight: Any, subkey: Any, row_ndim: int, batch_ndim: int = 0
+    ) -> LoraArray:
         return LoraArray(
             weight,
             rank=rank,
@@ -99,19 +101,26 @@ def loraify(
             alpha=alpha,
             dtype=dtype,
             row_ndim=row_ndim,
-            batch_ndim=0,
+            batch_ndim=batch_ndim,
         )
 
     for (i, is_layer), subkey in zip(chosen, keys, strict=False):
         if is_layer:
             layer = leaves[i]
-            lora = adapt(layer.weight, subkey, 1)
+            lora = adapt(layer.weight, subkey, 1, _stack_ndim(layer))
             leaves[i] = eqx.tree_at(lambda layer: layer.weight, layer, lora)
         else:
             leaves[i] = adapt(
                 leaves[i], subkey, _row_ndim(layout, len(leaves[i].shape))
             )
     return jtu.tree_unflatten(treedef, leaves)
+
+
+def _stack_ndim(layer: Any) -> int:
+    """How many leading axes of an equinox layer's weight stack copies of the layer
+    (`eqx.filter_vmap` of its constructor): its own weight is `(out, in, *spatial)`."""
+    own = 2 + getattr(layer, "num_spatial_dims", 0)
+    return max(len(jnp.shape(layer.weight)) - own, 0)
 
 
 def merge(model: PyTree) -> PyTree:

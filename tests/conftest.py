@@ -26,3 +26,19 @@ def getkey():
 @pytest.fixture(params=["eager", "jit_outside", "jit_inside", "grad", "vmap"])
 def mode(request):
     return request.param
+
+
+# The measured long tail (tests/slow_tests.txt): marked `slow` here, before `-m "not
+# slow"` deselects, so `make test` stays under 12 minutes on 2 cores.
+_SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
+with open(_SLOW_LIST) as _f:
+    _SLOW = frozenset(
+        line.strip() for line in _f if line.strip() and not line.startswith("#")
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in _SLOW:
+            item.add_marker(pytest.mark.slow)

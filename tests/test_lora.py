@@ -781,3 +781,23 @@ def test_equinox_attention_and_adapters_saved_alone(tmp_path, getkey):
     n_saved = sum(x.size for x in jtu.tree_leaves(params))
     n_total = sum(x.size for x in jtu.tree_leaves(eqx.filter(model, eqx.is_array)))
     assert n_saved < n_total / 2
+
+
+def test_loraify_stacked_layers_scans_without_materialising():
+    # `eqx.filter_vmap` of a layer's constructor stacks its weight: each layer of the
+    # stack gets its own adapters, so `lax.scan` over the stack slices them layer by
+    # layer (a default LoraArray refuses to materialise).
+    stack = eqx.filter_vmap(lambda k: eqx.nn.Linear(6, 6, key=k))(
+        jr.split(jr.key(0), 3)
+    )
+    lora = quax.lora.loraify(stack, rank=2, key=jr.key(1))
+    assert lora.weight.a.shape == (3, 6, 2) and lora.weight.b.shape == (3, 2, 6)
+
+    def forward(stack, x):
+        params, static = eqx.partition(stack, eqx.is_array)
+        step = lambda x, p: (jnp.tanh(eqx.combine(p, static)(x)), None)
+        return jax.lax.scan(step, x, params)[0]
+
+    x = jnp.linspace(-1.0, 1.0, 6)
+    got = quax.quaxify(forward)(lora, x)
+    assert tree_allclose(got, forward(quax.lora.merge(lora), x), rtol=1e-5, atol=1e-5)

@@ -134,8 +134,12 @@ def jit_params(name: str, closed: Any) -> dict[str, Any]:
     unplaced, nothing donated), as `jax.jit` would make them in the current context
     (its mesh, ...). Built from a traced `jax.jit` call: JAX has no public
     constructor for them."""
-    (template,) = jax.make_jaxpr(jax.jit(_one_op))(np.float32(0)).jaxpr.eqns
-    params = dict(template.params)
+    context = _compat.trace_context()
+    template = _TEMPLATES.get(context)
+    if template is None:
+        (eqn,) = jax.make_jaxpr(jax.jit(_one_op))(np.float32(0)).jaxpr.eqns
+        template = _TEMPLATES[context] = eqn.params
+    params = dict(template)
     n_in, n_out = len(closed.in_avals), len(closed.out_avals)
     for per, n in ((_PER_INPUT, n_in), (_PER_OUTPUT, n_out)):
         for param in per:
@@ -143,6 +147,10 @@ def jit_params(name: str, closed: Any) -> dict[str, Any]:
                 params[param] = (params[param][0],) * n
     params.update(jaxpr=closed, name=name)
     return params
+
+
+#: `jit` params per tracing context (mesh, config), as `jit_params` copies them.
+_TEMPLATES: dict[Any, dict[str, Any]] = {}
 
 
 def _one_op(x: Any) -> Any:
