@@ -17,7 +17,12 @@ import pytest
 from builders import FUZZ_BUILDERS
 from fuzz.check import MODES, check
 from fuzz.draw import aval_of, draw_program
-from fuzz.exclusions import excluded_names, predicates, twin_excluded
+from fuzz.exclusions import (
+    excluded_names,
+    input_predicates,
+    predicates,
+    twin_excluded,
+)
 from fuzz.ops import names_for
 from fuzz.program import iter_ops
 from fuzz.replay import variants
@@ -51,6 +56,7 @@ def test_fuzz(kind, mode):
     skipped = excluded_names(kind, mode)
     names = tuple(n for n in names_for(kind) if n not in skipped)
     rejects = predicates(kind, mode)
+    input_rejects = input_predicates(kind, mode)
     seed = _seed()
 
     @hypothesis.seed(seed)
@@ -67,7 +73,9 @@ def test_fuzz(kind, mode):
     @hypothesis.given(st.data())
     def run(data):
         program = draw_program(data, v_aval, names)
-        if any(reject(op) for op in iter_ops(program.ops) for reject in rejects):
+        if any(reject(program) for reject in input_rejects) or any(
+            reject(op) for op in iter_ops(program.ops) for reject in rejects
+        ):
             hypothesis.reject()
         hypothesis.note(f"program ({kind}, {mode}):\n{program.text()}")
         hypothesis.note(

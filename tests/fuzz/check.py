@@ -7,7 +7,6 @@ a fresh closure, so no cache can merge `0.0` and `-0.0`).
 """
 
 import functools as ft
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -111,12 +110,15 @@ def judge(
     if not got_ok:
         if _is_refusal(got_val, refuses):
             return
-        if (
-            not exp_ok
-            and type(got_val) is type(exp_val)
-            and _without_ids(str(got_val)) == _without_ids(str(exp_val))
+        if not exp_ok and not isinstance(
+            got_val, QuaxBugError | quax.HandlerResultError
         ):
-            return  # the dense program raises the same error: not quax's doing
+            # The dense program raises too: JAX does not run this program, so quax
+            # cannot give a wrong number for it, and its error need not be the same
+            # one (JAX's own message differs between, say, a symbolic and a dense
+            # zero tangent of a primitive without a derivative rule). Only quax's
+            # internal errors and a handler's bad result fail here.
+            return
         detail = f"dense: {'ok' if exp_ok else _describe(exp_val)}"
         raise FuzzFailure(
             f"{what}: quax raised {_describe(got_val)}\n  ({detail})"
@@ -126,14 +128,6 @@ def judge(
             f"{what}: quax returned a result but the dense program raised {_describe(exp_val)}"
         )
     compare(what, got_val, exp_val)
-
-
-def _without_ids(text: str) -> str:
-    """An error message without what differs between two programs raising the same
-    error: object ids (`<... 1397719>`) and the source locations MLIR errors print
-    (`at loc("jit(...)"(callsite(...)))`)."""
-    text = re.sub(r"at loc\(.*", "at loc(...)", text)
-    return re.sub(r"\b(0x[0-9a-f]+|\d{9,})\b", "<id>", text)
 
 
 def _describe(err: BaseException) -> str:
