@@ -26,10 +26,14 @@ test-all: $(VENV)/.installed-test
 	JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q
 
 # The differential fuzzer alone, for as long as asked: FUZZ_EXAMPLES programs per (type,
-# mode) test, on every core. Each failure prints its seed, program and a replay command.
+# mode) test, on every core. Each failure prints its seed, program and a replay command;
+# each test appends a line to FUZZ_LOG, whose totals are printed at the end.
 FUZZ_EXAMPLES ?= 500
+FUZZ_LOG ?= $(CURDIR)/fuzz-log.jsonl
 fuzz: $(VENV)/.installed-test
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q tests/test_fuzz.py
+	rm -f $(FUZZ_LOG)
+	FUZZ_LOG=$(FUZZ_LOG) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q tests/test_fuzz.py; \
+	status=$$?; cd tests && ../$(PY) -m fuzz.log $(FUZZ_LOG); exit $$status
 
 demo: $(VENV)/.installed-demo
 	JAX_PLATFORMS=cpu $(PY) examples/lora_finetune.py

@@ -169,3 +169,22 @@ def test_scan_xs_and_ys_keep_names(getkey):
     ref_h, ref_ys = fn(h0.array, xs.array)
     np.testing.assert_allclose(h.array, ref_h, rtol=1e-6)
     np.testing.assert_allclose(ys.array, ref_ys, rtol=1e-6)
+
+
+def test_unnamed_axis_that_would_move_falls_back_when_materialising_is_allowed():
+    """Found by the fuzzer: under `vmap`, a `switch` on a batched index gives a named
+    array with a positional axis, and `jnp.var` of it then meets its own mean in
+    another layout. With `allow_materialise=True` the positional result is returned
+    (as dense JAX computes it); otherwise the names cannot express it: an error."""
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    s = jnp.array([-0.3, 1.5])
+
+    def f(v, s):
+        y = jax.lax.switch(jnp.floor(s).astype(jnp.int32), [jnp.negative, jnp.sin], v)
+        return jnp.var(y, keepdims=True)
+
+    batched = lambda v, s: jax.vmap(lambda s: f(v, s))(s)
+    got = quax.quaxify(batched)(NamedArray(x, ("a", "b"), allow_materialise=True), s)
+    assert jnp.allclose(got, batched(x, s), rtol=1e-6)
+    with pytest.raises(AxisNameError, match="unnamed axis"):
+        quax.quaxify(batched)(NamedArray(x, ("a", "b")), s)

@@ -634,7 +634,9 @@ def _lora_dot_2d(
 ) -> Array:
     """The common case, `W @ x`, `x @ W` and their transposes, for a 2-D `LoraArray`
     and one contracted axis: the same result as the general path, with the
-    primitives bound directly (this runs once per linear layer on every trace)."""
+    primitives bound directly (this runs once per linear layer on every trace, so
+    it skips `lax`'s wrappers: the operands are already checked by the equation
+    being handled, and `params` holds exactly the parameters this JAX expects)."""
     w = _frozen(lora)
     lhs, rhs = (w, x) if lora_is_lhs else (x, w)
     contract = ((lora_axis,), (x_axis,)) if lora_is_lhs else ((x_axis,), (lora_axis,))
@@ -643,9 +645,11 @@ def _lora_dot_2d(
     )
     dtype = _update_dtype(lora, x, params.get("preferred_element_type"))
     p_lora, p_x = _precisions(params.get("precision"), lora_is_lhs)
-    x = _cast(x, dtype)
-    a = _cast(lora.a, dtype)
-    b = _cast(lora.b, dtype)
+    x, a, b = (
+        _same_dtype(x, dtype),
+        _same_dtype(lora.a, dtype),
+        _same_dtype(lora.b, dtype),
+    )
     # `first` meets x; `second` then meets the rank axis of the thin product.
     if lora_axis == 1:  # m contracted: (b x), then a
         first, first_axis, second, second_axis = b, 1, a, 1
@@ -653,12 +657,15 @@ def _lora_dot_2d(
         first, first_axis, second, second_axis = a, 0, b, 0
 
     def dot(u, v, cu, cv, precision):
-        return lax.dot_general(
+        return lax.dot_general_p.bind(
             u,
             v,
-            (((cu,), (cv,)), ((), ())),
-            precision=precision,
-            preferred_element_type=dtype,
+            **dict(
+                params,
+                dimension_numbers=(((cu,), (cv,)), ((), ())),
+                precision=precision,
+                preferred_element_type=dtype,
+            ),
         )
 
     if lora_is_lhs:
@@ -669,7 +676,12 @@ def _lora_dot_2d(
         update = dot(t, second, t.ndim - 1, second_axis, _pair(p_x, p_lora))
     if lora.scaling != 1.0:
         update = update * jnp.asarray(lora.scaling, update.dtype)
-    return dense + _cast(update, dense.dtype)
+    return lax.add_p.bind(dense, _same_dtype(update, dense.dtype))
+
+
+def _same_dtype(x: Array, dtype: Any) -> Array:
+    """`x` in `dtype`, with no call into `lax` when it already is."""
+    return x if x.dtype == dtype else _cast(x, dtype)
 
 
 def _unique(labels: Sequence[Label]) -> list[Label]:

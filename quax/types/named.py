@@ -67,6 +67,11 @@ def _is_name(axis: Any) -> bool:
     return not isinstance(axis, Broadcast | Positional)
 
 
+def _is_realignable(axis: Any) -> bool:
+    """A name or a broadcast axis moves freely; a `Positional` one never does."""
+    return not isinstance(axis, Positional)
+
+
 # -- elementwise alignment ----------------------------------------------------------------
 
 
@@ -191,6 +196,11 @@ def _elementwise(prim: jexc.Primitive, operands: Sequence[Any], params: dict) ->
                 "To fix: rename one of them (`x.rename(...)`), e.g. for an outer "
                 "product of an axis with itself."
             )
+        if like.allow_materialise and any(
+            tuple(x.axes) != tuple(layout) and not all(map(_is_realignable, x.axes))
+            for x in full
+        ):
+            return NotImplemented  # an unnamed axis would move: the positional result
         arrays = [
             _realign(x, layout, shape, prim.name)
             if x in full

@@ -20,8 +20,10 @@ under `jax.jit`, `jax.grad` and `jax.vmap`, outside and inside `quaxify`), and t
 must agree: shapes, dtypes and weak types exactly, values within a tolerance for the
 dtype, NaNs at the same places, infinities with the same sign. quax's own error
 (`quax.QuaxError`, not `HandlerResultError` or an internal error) for a type that will not
-materialise is a deliberate refusal, not a failure; so is an error the dense program
-raises identically.
+materialise is a deliberate refusal, not a failure; so is any error quax raises for a
+program the dense side cannot run either (JAX's own errors differ between the two sides,
+say for a symbolic zero tangent), unless it is quax's internal error or a handler's bad
+result.
 
 Running:
 
@@ -37,7 +39,13 @@ with the same `FUZZ_EXAMPLES`), and a one-liner that replays only that program:
 
     cd tests && python -c "import fuzz; fuzz.replay('lora', 'eager', '''Program(...)''')"
 
-Known bugs are excluded, each by name, in `fuzz/exclusions.py`.
+Known bugs and documented deviations are excluded, each by name, in
+`fuzz/exclusions.py`.
+
+A record of each run: with `FUZZ_LOG=<file>` (`make fuzz` sets `fuzz-log.jsonl`) each
+(type, mode) test appends one JSON line (examples run, seconds, seed, outcome), and
+`python -m fuzz.log <file>` (from `tests/`) prints the totals: how many examples, over
+how many tests, how long, which failed.
 """
 
 from .replay import replay as replay

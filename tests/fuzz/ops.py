@@ -1188,7 +1188,9 @@ def _draw_switch(name, gen, x, depth):
     bodies = [gen.body(x, depth) for _ in range(gen.integer(2, 3))]
     if any(b is None for b in bodies):
         return None
-    index = gen.choice(("s", "x", "lit"))
+    # `argmax` of keys passes JAX's shape check but not its lowering: not from keys.
+    keys = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    index = gen.choice(("s", "lit") if keys else ("s", "x", "lit"))
     return Switch(index, tuple(bodies), gen.integer(-1, 3) if index == "lit" else None)
 
 
