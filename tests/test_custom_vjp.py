@@ -251,3 +251,35 @@ def test_a_type_that_lifts_no_tangent_is_materialised():
         got, derivatives(clip_gradient, Unlifted, quaxed=False, forward=False)
     )
     assert tree_allclose(got["grad"], jnp.minimum(_WEIGHTS, 0.5))
+
+
+@jax.custom_vjp
+def _sin_times(x):
+    return jnp.sin(x) * x
+
+
+_sin_times.defvjp(
+    lambda x: (_sin_times(x), x),
+    lambda x, g: (g * (jnp.cos(x) * x + jnp.sin(x)),),
+)
+
+
+def test_custom_vjp_pulls_back_to_a_lora_whose_weight_is_quantized():
+    """Found by the fuzzer: the QLoRA pattern (a `LoraArray` whose frozen `w` is a
+    `QuantizedArray`, two leaves) through a `custom_vjp`: its pullback gives no
+    cotangent to either leaf of `w`, and the adapters' match the merged weight's."""
+    import jax.random as jr
+    from builders import make_lora_on_quantized
+
+    lora, merged = make_lora_on_quantized(jr.key(0))
+
+    def loss(x):
+        return jnp.sum(_sin_times(x) ** 2)
+
+    grads = eqx.filter_jit(eqx.filter_grad(quax.quaxify(loss)))(lora)
+    assert grads.w.q is None
+    assert grads.w.scale is None or not jnp.any(grads.w.scale)  # frozen
+    ct = jax.grad(loss)(merged)  # d loss / d merged weight
+    assert jnp.allclose(grads.a, ct @ lora.b.T, rtol=1e-5, atol=1e-6)
+    assert jnp.allclose(grads.b, lora.a.T @ ct, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(grads.a).max()) > 1e-3  # not a trivial zero

@@ -432,8 +432,12 @@ class LoraArray(ArrayValue):
         update = jnp.matmul(tangent.a, self.b) + jnp.matmul(self.a, tangent.b)
         if self.scaling != 1.0:
             update = update * jnp.asarray(self.scaling, update.dtype)
-        update = update.astype(self.w.dtype)
-        return update if self.frozen else tangent.w + update
+        update = update.astype(_dtype(self.w))
+        if self.frozen:
+            return update
+        if isinstance(self.w, ArrayValue):
+            return self.w.pushforward(tangent.w) + update
+        return tangent.w + update
 
     def pullback(self, cotangent: Array) -> "LoraArray":
         """`(ct, s ct bᵀ, s aᵀ ct)`, with no cotangent for a frozen `w`."""
@@ -442,8 +446,15 @@ class LoraArray(ArrayValue):
             ct = ct * jnp.asarray(self.scaling, ct.dtype)
         ct_a = jnp.matmul(ct, jnp.swapaxes(self.b, -1, -2))
         ct_b = jnp.matmul(jnp.swapaxes(self.a, -1, -2), ct)
-        ct_w = None if self.frozen else cotangent
-        return jtu.tree_unflatten(jtu.tree_structure(self), [ct_w, ct_a, ct_b])
+        if self.frozen:  # no cotangent for any leaf of `w` (a quantized one has two)
+            ct_w = [None] * len(jtu.tree_leaves(self.w))
+        elif isinstance(self.w, ArrayValue):
+            ct_w = jtu.tree_leaves(
+                self.w.pullback(cotangent), is_leaf=lambda c: c is None
+            )
+        else:
+            ct_w = [cotangent]
+        return jtu.tree_unflatten(jtu.tree_structure(self), [*ct_w, ct_a, ct_b])
 
 
 # -- helpers shared with `_lora_conv` ---------------------------------------------------

@@ -60,12 +60,6 @@ EXCLUSIONS: list[Exclusion] = [
         names=_READS_ZERO_SIGN,
     ),
     Exclusion(
-        "Q1 (harness): a gradient w.r.t. a quantized value's leaves has None for its "
-        "integers, so it cannot be materialised for the comparison",
-        kinds=("quantized", "lora_on_quantized"),
-        modes=("grad_outside",),
-    ),
-    Exclusion(
         "F5: a concrete plain array becomes abstract under quaxify",
         kinds=None,
         modes=("grad_outside",),
