@@ -3,10 +3,12 @@
 Each entry says which JAX version changed what, so the next upgrade is one file to read.
 """
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.extend.core as jexc
+import jax.extend.linear_util as jexc_lu
 import numpy as np
 
 
@@ -94,6 +96,55 @@ def convert_constvars_jaxpr(jaxpr: Any) -> Any:
     from jax._src.interpreters.partial_eval import convert_constvars_jaxpr as convert
 
     return convert(jaxpr)
+
+
+def trace_flat(
+    fn: Callable[..., Any], specs: Sequence[Any], name: str
+) -> tuple[Any, list[Any]]:
+    """`fn` (leaves in, a pytree of leaves out) traced on the avals `specs` to an open
+    jaxpr and the constants it closed over, as `lax.scan` and `lax.while_loop` trace
+    their bodies. `jax.make_jaxpr` does the same through `jax.jit`'s machinery, which
+    costs about as much again on a small body; it is the fallback where JAX's private
+    tracing entry point (`partial_eval.trace_to_jaxpr_dynamic`, stable from 0.4 to
+    0.10.2) is not there."""
+    if _TRACE_DYNAMIC is None:
+        closed = jax.make_jaxpr(fn)(*specs)
+        return closed.jaxpr, list(closed.consts)
+    trace_dynamic, debug_info = _TRACE_DYNAMIC
+    avals = [
+        jax.core.ShapedArray(s.shape, s.dtype, weak_type=getattr(s, "weak_type", False))
+        for s in specs
+    ]
+    dbg = debug_info(name, fn, tuple(specs), {})
+
+    def flat(*args: Any) -> list[Any]:  # outputs flattened, as `make_jaxpr` does
+        return jax.tree_util.tree_leaves(fn(*args))
+
+    jaxpr, _, consts = trace_dynamic(jexc_lu.wrap_init(flat, debug_info=dbg), avals)
+    return jaxpr, list(consts)
+
+
+def _find_trace_dynamic() -> Any:
+    try:
+        from jax._src.api_util import debug_info  # private; see `trace_flat`
+        from jax._src.interpreters.partial_eval import (  # private; see `trace_flat`
+            trace_to_jaxpr_dynamic,
+        )
+    except ImportError:
+        return None
+    return trace_to_jaxpr_dynamic, debug_info
+
+
+_TRACE_DYNAMIC = _find_trace_dynamic()
+
+
+def varying_axes(aval: Any) -> frozenset[Any]:
+    """The manual mesh axes an aval varies over inside `shard_map` (JAX 0.10.2 keeps
+    them in `aval.mat.varying`, printed `{V:...}`; earlier JAX in `aval.vma`)."""
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
 
 
 def jit_disabled() -> bool:

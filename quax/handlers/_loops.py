@@ -132,11 +132,15 @@ def _while(eqn: Any, invals: list[Any], carry: list[Any], plan: dict[int, Any]):
 
 
 def _trace(fn: Callable[..., Any], leaves: Sequence[Any]) -> tuple[Any, list[Any]]:
-    """`fn` traced on the types of `leaves` to a jaxpr with no constants (`while`
-    takes its constants as operands), and the constants it closed over."""
-    closed = jax.make_jaxpr(fn)(*leaf_specs(leaves))
-    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
-    return jexc.ClosedJaxpr(jaxpr, ()), list(closed.consts)
+    """`fn` traced on the types of `leaves`: see `_trace_specs`."""
+    return _trace_specs(fn, leaf_specs(leaves))
+
+
+def _trace_specs(fn: Callable[..., Any], specs: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """`fn` traced on `specs` to a jaxpr with no constants (loops take their
+    constants as operands), and the constants it closed over."""
+    jaxpr, consts = _compat.trace_flat(fn, specs, "quax loop body")
+    return jexc.ClosedJaxpr(_compat.convert_constvars_jaxpr(jaxpr), ()), consts
 
 
 def _strong(x: Any) -> Any:
@@ -184,9 +188,12 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
                 stackers.append(stacker)
             return new_carry, out
 
+        carry0 = _densify_at(carry, plan, eqn)
+        if set(params) == _SCAN_PARAMS and _unplaced(invals):
+            return _scan_direct(eqn, body_fn, carry0, xs)
         return jax.lax.scan(
             body_fn,
-            _densify_at(carry, plan, eqn),
+            carry0,
             xs,
             length=length,
             reverse=params["reverse"],
@@ -201,6 +208,77 @@ def scan_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         )
     ]
     return [*new_carry, *ys]
+
+
+#: The params of a `scan` equation in the JAX versions whose `scan_p` quax binds
+#: directly (0.10.x); others (0.11's `ft_in`) go through `lax.scan`.
+_SCAN_PARAMS = frozenset(
+    ("reverse", "length", "jaxpr", "num_consts", "num_carry", "unroll")
+)
+
+
+def _unplaced(operands: Sequence[Any]) -> bool:
+    """No leaf of `operands` carries varying manual axes (inside `shard_map`) or a
+    sharding in its type, which a body traced on plain specs would drop."""
+    for leaf in jtu.tree_leaves(operands):
+        aval = jax.typeof(leaf)
+        if _compat.varying_axes(aval):
+            return False
+        sharding = getattr(aval, "sharding", None)
+        if sharding is not None and any(
+            p is not None for p in getattr(sharding, "spec", ())
+        ):
+            return False
+    return True
+
+
+def _scan_direct(
+    eqn: Any, body_fn: Callable[..., Any], carry: Sequence[Any], xs: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    """What `lax.scan(body_fn, carry, xs)` returns, with `scan` bound directly on
+    `body_fn` traced once to a jaxpr over the leaves (`lax.scan` traces it through
+    its own wrapper, checks and closure conversion, which cost about as much again
+    as the walk of a small body). What `body_fn` closes over (the scan's consts)
+    becomes the equation's leading operands."""
+    carry_leaves, carry_spec = flatten_operands(list(carry))
+    x_leaves, x_def = jtu.tree_flatten(list(xs))
+    n_c = len(carry_leaves)
+    ys_def: list[Any] = []
+    strong: frozenset[int] = frozenset()
+
+    def flat_body(*leaves: Any) -> list[Any]:
+        carry_in = unflatten_operands(leaves[:n_c], carry_spec)
+        new_carry, ys = body_fn(carry_in, jtu.tree_unflatten(x_def, leaves[n_c:]))
+        out_leaves, out_spec = flatten_operands(new_carry)
+        if out_spec != carry_spec:
+            raise QuaxBugError(_MSG_BUG.format(what="scan carry types changed"))
+        y_leaves, y_def = jtu.tree_flatten(ys)
+        ys_def[:] = [y_def]
+        out_leaves = [
+            _strong(x) if i in strong else x for i, x in enumerate(out_leaves)
+        ]
+        return [*out_leaves, *y_leaves]
+
+    def trace() -> tuple[Any, list[Any]]:
+        specs = [*leaf_specs(carry_leaves), *(_slice_spec(x) for x in x_leaves)]
+        return _trace_specs(flat_body, specs)
+
+    closed, hoisted = trace()
+    out_weak = [getattr(a, "weak_type", False) for a in closed.out_avals[:n_c]]
+    in_weak = [spec.weak_type for spec in leaf_specs(carry_leaves)]
+    strong = frozenset(
+        i for i, (a, b) in enumerate(zip(in_weak, out_weak, strict=True)) if a != b
+    )
+    if strong:  # as `lax.scan` does: such a carry is strongly typed on both sides
+        carry_leaves = [
+            _strong(x) if i in strong else x for i, x in enumerate(carry_leaves)
+        ]
+        closed, hoisted = trace()
+    operands = [*hoisted, *carry_leaves, *x_leaves]
+    params = dict(eqn.params, jaxpr=closed, num_consts=len(hoisted), num_carry=n_c)
+    outs = bind(eqn, operands, params)
+    new_carry = unflatten_operands(outs[:n_c], carry_spec)
+    return new_carry, jtu.tree_unflatten(ys_def[0], outs[n_c:])
 
 
 def _unstack(x: Any, length: int, eqn: Any, operands: Sequence[Any]) -> Any:

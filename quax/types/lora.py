@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
+from .. import _compat
 from .._quaxify import quaxify
 from .._values import ArrayValue, Value
 
@@ -667,13 +668,22 @@ def _lora_dot_2d(
     else:  # n contracted: (a x), then b
         first, first_axis, second, second_axis = a, 0, b, 0
 
+    # Inside `shard_map`, `lax`'s wrappers also match the operands' varying manual
+    # axes (an adapter may vary where `x` does not): bind directly only outside.
+    direct = not any(_varying(v) for v in (x, a, b))
+
     def dot(u, v, cu, cv, precision):
+        dims = (((cu,), (cv,)), ((), ()))
+        if not direct:
+            return lax.dot_general(
+                u, v, dims, precision=precision, preferred_element_type=dtype
+            )
         return lax.dot_general_p.bind(
             u,
             v,
             **dict(
                 params,
-                dimension_numbers=(((cu,), (cv,)), ((), ())),
+                dimension_numbers=dims,
                 precision=precision,
                 preferred_element_type=dtype,
             ),
@@ -687,7 +697,15 @@ def _lora_dot_2d(
         update = dot(t, second, t.ndim - 1, second_axis, _pair(p_x, p_lora))
     if lora.scaling != 1.0:
         update = update * jnp.asarray(lora.scaling, update.dtype)
-    return lax.add_p.bind(dense, _same_dtype(update, dense.dtype))
+    update = _same_dtype(update, dense.dtype)
+    if direct and not _varying(dense):
+        return lax.add_p.bind(dense, update)
+    return lax.add(dense, update)
+
+
+def _varying(x: Any) -> bool:
+    """Whether `x` varies over manual mesh axes (inside `shard_map`)."""
+    return bool(_compat.varying_axes(jax.typeof(x)))
 
 
 def _same_dtype(x: Array, dtype: Any) -> Array:
