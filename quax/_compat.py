@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.extend.linear_util as jexc_lu
 import numpy as np
