@@ -2,6 +2,7 @@
 shape primitives, clear errors, and dense equivalence where names agree with
 positions."""
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -188,3 +189,40 @@ def test_unnamed_axis_that_would_move_falls_back_when_materialising_is_allowed()
     assert jnp.allclose(got, batched(x, s), rtol=1e-6)
     with pytest.raises(AxisNameError, match="unnamed axis"):
         quax.quaxify(batched)(NamedArray(x, ("a", "b")), s)
+
+
+def test_concatenate_of_different_names_is_positional_when_materialising_is_allowed():
+    """Found by the fuzzer: `jnp.pad(..., mode="edge")` concatenates edge slices
+    (whose first axis is a broadcast) with the array itself: JAX's positional result
+    with `allow_materialise=True`, an `AxisNameError` otherwise."""
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+
+    def f(v):
+        return jnp.pad(v, ((2, 2), (1, 0)), mode="edge")
+
+    got = quax.quaxify(f)(NamedArray(x, ("a", "b"), allow_materialise=True))
+    got = got.materialise() if isinstance(got, NamedArray) else got
+    assert jnp.array_equal(got, f(x))
+    with pytest.raises(AxisNameError, match="concatenate"):
+        quax.quaxify(f)(NamedArray(x, ("a", "b")))
+
+
+def test_sinc_of_a_kept_dims_reduction_under_vmap_is_positional():
+    """Found by the fuzzer: `jnp.sinc` (a `jnp.where` with plain constants inside a
+    `custom_jvp`) of `jnp.min(v, keepdims=True)`, whose axes are only broadcast
+    ones, under `vmap` of the value: which name each plain axis has is ambiguous, so
+    with `allow_materialise=True` it is JAX's positional result."""
+    xs = jax.random.normal(jax.random.key(2), (2, 3, 4))
+
+    def f(v):
+        return jnp.sinc(jnp.min(v, keepdims=True))
+
+    def per_example(v):
+        out = quax.quaxify(f)(v)
+        return out.materialise() if isinstance(out, NamedArray) else out
+
+    named = eqx.filter_vmap(
+        lambda x: NamedArray(x, ("a", "b"), allow_materialise=True)
+    )(xs)
+    got = eqx.filter_vmap(per_example)(named)
+    assert jnp.allclose(got, jax.vmap(f)(xs), rtol=1e-6)

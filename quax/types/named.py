@@ -178,6 +178,8 @@ def _elementwise(prim: jexc.Primitive, operands: Sequence[Any], params: dict) ->
         arrays = [x.array if isinstance(x, NamedArray) else x for x in operands]
     else:
         if plain:
+            if like.allow_materialise:
+                return NotImplemented  # the positional result, without names
             raise AxisNameError(
                 f"quax: `{prim.name}` of named arrays whose axes differ "
                 f"({', '.join(str(x.axes) for x in full)}) and a plain array of shape "
@@ -273,14 +275,17 @@ class NamedArray(ArrayValue):
     | `squeeze` (`x[0]` is `slice` + `squeeze`) | squeezed names go |
     | `broadcast_in_dim` | kept; new axes are `Broadcast` axes, which line up with any name |
     | `reshape` | kept where an axis passes through; merged axes get the tuple of their names; a split is not handled |
-    | `concatenate` | all operands must have the same names |
+    | `concatenate` | all operands must have the same names (else an error, or with `allow_materialise=True` the positional result) |
     | `lax.scan` carry, `cond`, `while` | kept |
     | `lax.scan` `xs` / `ys` | **kept**: a step sees the array without its first name; `ys` get a new `Positional` leading axis |
     | anything else (`gather` with array indices, a plain array `@` a named one, ...) | materialises if `allow_materialise=True`, else an error naming the primitive |
 
     A plain array meets a named one where that is unambiguous: a scalar always; an
     array of the full shape only when every named operand has the same axes (it is
-    read in that order, and broadcast axes become `Positional`).
+    read in that order, and broadcast axes become `Positional`). Where it is
+    ambiguous, or an unnamed (`Positional`) axis would have to move, a named array
+    with `allow_materialise=True` gives JAX's positional result (a plain array);
+    otherwise it raises `AxisNameError`.
     """
 
     array: Array
@@ -394,6 +399,8 @@ class NamedArray(ArrayValue):
     def _concatenate(*named: "NamedArray", **params: Any) -> Any:
         """`jnp.concatenate`: every operand named, with the same names."""
         if any(x.axes != named[0].axes for x in named):
+            if named[0].allow_materialise:
+                return NotImplemented  # the positional result, without names
             raise AxisNameError(
                 "quax: `concatenate` of named arrays with different axes: "
                 f"{', '.join(str(x.axes) for x in named)}."
