@@ -7,17 +7,44 @@ print the totals of a log:
     cd tests && python -m fuzz.log ../fuzz-log.jsonl
 """
 
+import functools as ft
 import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from typing import Any
+
+
+@ft.cache
+def _commit() -> str:
+    """The commit under test (with `+` when the working tree differs from it)."""
+    here = os.path.dirname(__file__)
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
 
 
 def record(**entry: Any) -> None:
     path = os.environ.get("FUZZ_LOG")
     if not path:
         return
+    entry.setdefault("commit", _commit())
     line = json.dumps(entry, sort_keys=True) + "\n"
     with open(path, "a") as f:
         f.write(line)
@@ -37,6 +64,7 @@ def summary(path: str) -> str:
         f"{_duration(seconds)} of test time (summed over workers); "
         f"{len(failed)} failed",
         "per type: " + ", ".join(f"{k} {n}" for k, n in sorted(per_kind.items())),
+        "commits: " + ", ".join(sorted({e.get("commit", "unknown") for e in entries})),
     ]
     lines += [
         f"FAILED {e['kind']}-{e['mode']} (seed {e['seed']}): {e['outcome']}"
