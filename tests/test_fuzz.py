@@ -5,7 +5,9 @@ on dense arrays, in every mode (see `tests/fuzz/__init__.py`).
 in `make test` near a minute of CPU; `make fuzz` runs 500. `FUZZ_SEED` fixes the seed
 (otherwise random, and printed with every failure). `FUZZ_SHRINK=0` reports a failure
 as drawn, without hypothesis's shrinking (which recompiles each candidate and may take
-minutes).
+minutes). `make fuzz` also compiles without FMA contraction and XLA's algebraic
+simplifier (`FUZZ_XLA_FLAGS` in the Makefile: compiler rewrites that change IEEE
+results between differently shaped programs); the bounded run keeps JAX's defaults.
 """
 
 import gc
@@ -107,9 +109,11 @@ def test_fuzz(kind, mode):
     except BaseException as err:
         first = (str(err).splitlines() or [""])[0]
         outcome = f"{type(err).__name__}: {first[:200]}"
+        flags = os.environ.get("XLA_FLAGS", "")
         err.add_note(
-            f"reproduce: FUZZ_SEED={seed} FUZZ_EXAMPLES={EXAMPLES} python -m pytest "
-            f"tests/test_fuzz.py -p no:xdist -k 'test_fuzz[{kind}-{mode}]'"
+            f"reproduce: XLA_FLAGS='{flags}' FUZZ_SEED={seed} FUZZ_EXAMPLES={EXAMPLES} "
+            f"python -m pytest tests/test_fuzz.py -p no:xdist "
+            f"-k 'test_fuzz[{kind}-{mode}]'"
         )
         raise
     finally:
@@ -120,6 +124,7 @@ def test_fuzz(kind, mode):
             seconds=round(time.perf_counter() - start, 2),
             seed=seed,
             outcome=outcome,
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
         )
 
 
