@@ -28,6 +28,8 @@ test-all: $(VENV)/.installed-test
 # The differential fuzzer alone, for as long as asked: FUZZ_EXAMPLES programs per (type,
 # mode) test, on every core. Each failure prints its seed, program and a replay command;
 # each test appends a line to FUZZ_LOG, whose totals are printed at the end.
+# `make fuzz FUZZ_RESUME=1` keeps FUZZ_LOG and skips the tests that already passed
+# FUZZ_EXAMPLES programs on the same quax/ (a run longer than a session).
 # XLA's own rewrites can change IEEE results between two programs that compute the same
 # thing, and quax's program and the dense one are shaped differently: XLA contracts a
 # multiply and an add into one FMA (openxla/xla#41579: `q * scale - y` rounds once
@@ -38,8 +40,8 @@ FUZZ_EXAMPLES ?= 500
 FUZZ_LOG ?= $(CURDIR)/fuzz-log.jsonl
 FUZZ_XLA_FLAGS ?= --xla_disable_hlo_passes=algsimp $(if $(filter x86_64,$(shell uname -m)),--xla_cpu_max_isa=AVX)
 fuzz: $(VENV)/.installed-test
-	rm -f $(FUZZ_LOG)
-	XLA_FLAGS="$(FUZZ_XLA_FLAGS)" FUZZ_LOG=$(FUZZ_LOG) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q tests/test_fuzz.py; \
+	$(if $(FUZZ_RESUME),,rm -f $(FUZZ_LOG))
+	XLA_FLAGS="$(FUZZ_XLA_FLAGS)" FUZZ_RESUME=$(FUZZ_RESUME) FUZZ_LOG=$(FUZZ_LOG) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n auto -q tests/test_fuzz.py; \
 	status=$$?; cd tests && ../$(PY) -m fuzz.log $(FUZZ_LOG); exit $$status
 
 demo: $(VENV)/.installed-demo

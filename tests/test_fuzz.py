@@ -3,7 +3,9 @@ on dense arrays, in every mode (see `tests/fuzz/__init__.py`).
 
 `FUZZ_EXAMPLES` programs per (type, mode) test: default 1, which keeps the bounded run
 in `make test` near a minute of CPU; `make fuzz` runs 500. `FUZZ_SEED` fixes the seed
-(otherwise random, and printed with every failure). `FUZZ_SHRINK=0` reports a failure
+(otherwise random, and printed with every failure). With `FUZZ_RESUME=1`, a test that
+already passed `FUZZ_EXAMPLES` programs on the same `quax/` (per `FUZZ_LOG`) is skipped:
+a long run can go on in a later session. `FUZZ_SHRINK=0` reports a failure
 as drawn, without hypothesis's shrinking (which recompiles each candidate and may take
 minutes). `make fuzz` also compiles without FMA contraction and XLA's algebraic
 simplifier (`FUZZ_XLA_FLAGS` in the Makefile: compiler rewrites that change IEEE
@@ -29,7 +31,7 @@ from fuzz.exclusions import (
     predicates,
     twin_excluded,
 )
-from fuzz.log import record
+from fuzz.log import passed_before, record
 from fuzz.ops import names_for
 from fuzz.program import iter_ops
 from fuzz.replay import variants
@@ -58,6 +60,13 @@ def _seed() -> int:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", sorted(FUZZ_BUILDERS))
 def test_fuzz(kind, mode):
+    if os.environ.get("FUZZ_RESUME"):
+        earlier = passed_before(kind, mode, EXAMPLES)
+        if earlier is not None:
+            pytest.skip(
+                f"passed {earlier['examples']} programs on this quax/ in an earlier "
+                f"run (commit {earlier['commit']}, seed {earlier['seed']})"
+            )
     values = variants(kind)
     v_aval = aval_of(values[0][1])
     skipped = excluded_names(kind, mode)
