@@ -85,7 +85,8 @@ class Gen:
     def indices(self, shape: tuple[int, ...], n: int, oob: bool) -> int:
         """Int indices into an axis of size `n`: negative ones too, and with `oob`
         out of bounds on both sides."""
-        lo, hi = (-2 * n - 1, 2 * n + 1) if oob else (-n, n)
+        # An empty axis has no index in bounds: out-of-bounds ones then.
+        lo, hi = (-2 * n - 1, 2 * n + 1) if oob or n == 0 else (-n, n)
         return self.plain(shape, "int32", "index", lo, hi)
 
     def broadcastable(self, shape: tuple[int, ...]) -> tuple[int, ...]:

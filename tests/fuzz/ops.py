@@ -778,7 +778,8 @@ class Take:
 def _draw_take(name, gen, x, depth):
     axis = None if x.ndim == 0 or gen.boolean() else gen.axis(x.ndim)
     n = math.prod(x.shape) if axis is None else x.shape[axis]
-    mode = gen.choice((None, "fill", "clip", "wrap", "promise_in_bounds"))
+    modes = (None, "fill", "clip", "wrap", "promise_in_bounds")
+    mode = gen.choice(modes if n else modes[:-1])  # no index is in an empty axis
     shape = (gen.integer(1, 3),) if gen.boolean() else (2, 2)
     if mode == "promise_in_bounds":
         idx = gen.plain(shape, "int32", "index", 0, n)
