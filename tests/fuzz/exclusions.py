@@ -60,6 +60,21 @@ EXCLUSIONS: list[Exclusion] = [
         names=_READS_ZERO_SIGN,
     ),
     Exclusion(
+        "F12: a BCOO's unstored elements and a structured matrix's zeros off its "
+        "band are exact +0: `-A` keeps them +0 where the dense array has -0 (as in "
+        "jax.experimental.sparse; README 'Sparse arrays')",
+        kinds=("sparse", "tridiagonal"),
+        modes=None,
+        names=_READS_ZERO_SIGN,
+    ),
+    Exclusion(
+        "F12, through derivatives: those of `sqrt` and `log` at zero are +-inf by "
+        "the sign of the zero",
+        kinds=("sparse", "tridiagonal"),
+        modes=("grad_outside", "grad_inside"),
+        names=("sqrt", "log"),
+    ),
+    Exclusion(
         "F5: a concrete plain array becomes abstract under quaxify",
         kinds=None,
         modes=("grad_outside",),
