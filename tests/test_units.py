@@ -181,6 +181,19 @@ def test_errors_name_both_units():
     assert relu.unit == m
 
 
+def test_non_finite_powers():
+    # `(1 m) ** inf` is not any power of metres (found by the fuzzer: it raised a bare
+    # OverflowError from `fractions`); a pure number's unit is kept.
+    x = Unitful(jnp.asarray([0.5, 2.0]), m)
+    for p in (jnp.inf, -jnp.inf, jnp.nan):
+        with pytest.raises(UnitError, match=r"non-finite power"):
+            quax.quaxify(lambda a, p=p: a**p)(x)
+    pure = m / m
+    assert pure**jnp.inf == pure
+    with pytest.raises(UnitError, match=r"non-finite power"):
+        _ = km**jnp.nan
+
+
 def test_truth_of_a_quantity_is_plain():
     # Whether an entry is nonzero is the same in every unit: `astype(bool)`,
     # `jnp.any`, `jnp.all` of a quantity are plain arrays (found by the fuzzer).

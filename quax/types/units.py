@@ -115,6 +115,16 @@ class Unit:
         return NotImplemented
 
     def __pow__(self, power: int | float | Fraction) -> "Unit":
+        if not math.isfinite(power):
+            # `x ** inf` has no unit unless `x` is a pure number: `(1 m) ** inf` is
+            # not any power of metres.
+            if self.dimensionless and self.scale == 1:
+                return self
+            raise UnitError(
+                f"quax: `({self}) ** {power}` has no unit: a non-finite power of a "
+                "quantity is not a quantity.\nTo fix: make the base a plain number "
+                "first (divide it by its unit), or use a finite exponent."
+            )
         p = Fraction(power).limit_denominator(1000)
         if p == 1:
             return self
