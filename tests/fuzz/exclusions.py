@@ -108,6 +108,19 @@ NONFINITE_DEVIATES: dict[str, str] = {
 }
 
 
+#: Types for which quax may return a result where the dense program raises one of
+#: JAX's own errors (quoted in part): the type's algebra removes what JAX refuses.
+#: Each is documented in the README.
+MORE_DEFINED: dict[str, tuple[str, str]] = {
+    "Zero": (
+        "Reverse-mode differentiation does not work for lax.while_loop",
+        "F17: `zero * s` is a Zero whatever `s` is, so a loop carrying it does not "
+        "depend on `s` and needs no reverse-mode derivative, where the dense "
+        "`zeros * s` does (README 'Symbolic zeros')",
+    ),
+}
+
+
 def excluded_names(kind: str, mode: str) -> set[str]:
     return {n for e in EXCLUSIONS if e.applies(kind, mode) for n in e.names}
 
