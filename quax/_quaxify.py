@@ -12,10 +12,11 @@ import numpy as np
 from . import _compat
 from ._closures import lift_closure
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
+from ._flat import Flat, fn_flat, is_array, operands
 from ._strict import STATE, Mode, check_mode, mode_for_call
-from ._values import Value, aval_of, is_value
-from ._walker import TraceCache, aval_key, static_key, treedef_key, walk_closed
-from .handlers._common import flatten_operands, unflatten_operands
+from ._values import aval_of, is_value
+from ._walker import TraceCache, static_key, treedef_key, walk_closed
+from .handlers._common import unflatten_operands
 from .handlers._jit import jit_params, walk_to_jaxpr
 
 
@@ -28,10 +29,6 @@ _CONCRETE_ERRORS = (
     jax.errors.TracerIntegerConversionError,
     jax.errors.NonConcreteBooleanIndexError,
 )
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 class _Quaxify(eqx.Module):
@@ -50,47 +47,46 @@ class _Quaxify(eqx.Module):
         return eqx.Partial(self, instance)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Values captured by a closure, bound method or partial become inputs.
-        tree = (lift_closure(self.fn), args, kwargs)
         if self.filter_spec is True:
-            dynamic, passthrough = tree, None  # `eqx.partition` costs ms on big models
+            # `(fn, args, kwargs)` flattened in two parts: `fn`'s (a model: most of the
+            # leaves) is remembered per model object (see `fn_flat`).
+            flat = fn_flat(self.fn).join(Flat.of((args, kwargs)))
+            passthrough = None
         else:
+            # Values captured by a closure, bound method or partial become inputs.
+            tree = (lift_closure(self.fn), args, kwargs)
             dynamic, passthrough = eqx.partition(
                 tree, self.filter_spec, is_leaf=is_value
             )
-        leaves, treedef = jtu.tree_flatten(dynamic, is_leaf=is_value)
-        if not any(isinstance(x, Value) for x in leaves):
+            flat = Flat.of(dynamic)
+        if not any(is_value(flat.leaves[i]) for i in flat.positions):
             return self.fn(*args, **kwargs)  # nothing to dispatch on: the original
         with mode_for_call(self.materialise):
-            return _call(leaves, treedef, passthrough, self.cache, self.fn)
+            return _call(flat, passthrough, self.cache, self.fn)
 
 
-def _call(
-    leaves: list[Any], treedef: Any, passthrough: Any, cache: bool, fn: Any
-) -> Any:
-    positions = [i for i, x in enumerate(leaves) if is_value(x) or _is_array(x)]
+def _call(flat: Flat, passthrough: Any, cache: bool, fn: Any) -> Any:
+    leaves, positions = flat.leaves, flat.positions
     inputs = [leaves[i] for i in positions]
-    avals = [aval_of(x) if is_value(x) else jax.typeof(x) for x in inputs]
     recorder = STATE.recorder  # `quax.explain`: walk op by op, see every equation
     key = None
     if cache:
-        key = _trace_key(leaves, treedef, passthrough, positions, avals)
+        key = _trace_key(flat, passthrough)
         # The walk (compiled and cached with the trace) depends on the strict mode.
         key = None if key is None else (key, STATE.mode)
     entry = TRACES.get(key)
     cached = entry is not None
     if entry is None:
-        entry, cacheable = _trace(leaves, treedef, passthrough, positions, avals)
+        entry, cacheable = _trace(flat, passthrough, inputs)
         cached = cacheable and TRACES.put(key, *entry)
     closed_jaxpr, meta = entry
-    fed = [inputs[k] for k in meta.keep]
     outvals = None
     if cached and recorder is None:
-        outvals = _run_compiled(closed_jaxpr, meta, fed)
+        outvals = _run_compiled(closed_jaxpr, meta, flat)
         if outvals is None:
-            outvals = _run_rewritten(closed_jaxpr, meta, fed, fn)
+            outvals = _run_rewritten(closed_jaxpr, meta, flat, inputs, fn)
     if outvals is None:
-        outvals = walk_closed(closed_jaxpr, fed)
+        outvals = walk_closed(closed_jaxpr, [inputs[k] for k in meta.keep])
     out_leaves = list(meta.out_leaves)
     for i, val in zip(meta.out_positions, outvals, strict=True):
         out_leaves[i] = _as_output(val)
@@ -115,22 +111,24 @@ class _Meta:
         self.rewritten: Any = None
 
 
-def _run_compiled(closed_jaxpr: Any, meta: _Meta, fed: list[Any]) -> list[Any] | None:
+def _run_compiled(closed_jaxpr: Any, meta: _Meta, flat: Flat) -> list[Any] | None:
     """Eager calls (every input concrete) run the walked program compiled, cached per
     trace, unless `jax.disable_jit()` is on or a handler needs concrete values; then
-    None, and the caller walks op by op."""
+    None, and the caller walks op by op. The compiled walk takes the inputs' leaves,
+    so that JAX's dispatch sees a flat list of arrays."""
     if meta.compiled is False or _compat.jit_disabled() or not _compat.is_eager():
         return None
-    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(fed)):
+    op_leaves, spec, traced = operands(flat)
+    if traced:
         return None
     if meta.compiled is None:
 
-        def compiled_walk(fed):
-            return walk_closed(closed_jaxpr, fed)
+        def compiled_walk(op_leaves):
+            return walk_closed(closed_jaxpr, unflatten_operands(op_leaves, spec))
 
         meta.compiled = jax.jit(compiled_walk)
     try:
-        return meta.compiled(fed)
+        return meta.compiled(op_leaves)
     except _CONCRETE_ERRORS:
         meta.compiled = False
         return None
@@ -140,7 +138,7 @@ _SEEN = object()  # `_Meta.rewritten`: walked in a trace once, not rewritten yet
 
 
 def _run_rewritten(
-    closed_jaxpr: Any, meta: _Meta, fed: list[Any], fn: Any
+    closed_jaxpr: Any, meta: _Meta, flat: Flat, fed: list[Any], fn: Any
 ) -> list[Any] | None:
     """Inside a `jit` or `make_jaxpr` trace, the walked program is a function of the
     trace key alone: from the second such trace on, walk it once into a jaxpr over
@@ -154,7 +152,7 @@ def _run_rewritten(
         # program traced once is not worth a second jaxpr); from the second, bind.
         meta.rewritten = _SEEN
         return None
-    leaves, spec = flatten_operands(fed)
+    leaves, spec, _ = operands(flat)
     if meta.rewritten is _SEEN:
         entry = walk_to_jaxpr(closed_jaxpr, fed, (False,) * len(fed), leaves, spec)
         if entry is None:  # closed over an outer trace's tracers
@@ -171,27 +169,27 @@ def _run_rewritten(
     return unflatten_operands(out_leaves, out_spec)
 
 
-def _trace(leaves, treedef, passthrough, positions, avals):
+def _trace(flat: Flat, passthrough: Any, inputs: list[Any]):
     """Trace with every value and array abstract; if the function needs a concrete
     plain array (eager mode only), trace again with the plain arrays closed over.
 
-    Returns `((closed_jaxpr, meta), cacheable)`; `meta[0]` lists which of the dynamic
-    inputs the jaxpr takes.
+    Returns `((closed_jaxpr, meta), cacheable)`; `meta.keep` lists which of the
+    dynamic inputs the jaxpr takes.
     """
-    specs = [_spec(a) for a in avals]
+    specs = [_spec(aval_of(x) if is_value(x) else jax.typeof(x)) for x in inputs]
+    positions = flat.positions
     try:
-        closed, meta = _make_jaxpr(leaves, treedef, passthrough, positions, specs)
+        closed, meta = _make_jaxpr(flat, passthrough, positions, specs)
         return (closed, _Meta(tuple(range(len(positions))), *meta)), True
     except _CONCRETE_ERRORS:
-        if any(isinstance(leaves[i], jax.core.Tracer) for i in positions):
+        if any(isinstance(x, jax.core.Tracer) for x in inputs):
             raise
     # Eager retry: plain arrays stay concrete, as in plain JAX. Never cached: the
     # trace depends on their values.
-    keep = tuple(k for k, i in enumerate(positions) if is_value(leaves[i]))
+    keep = tuple(k for k, x in enumerate(inputs) if is_value(x))
     with jax.ensure_compile_time_eval():
         closed, meta = _make_jaxpr(
-            leaves,
-            treedef,
+            flat,
             passthrough,
             [positions[k] for k in keep],
             [specs[k] for k in keep],
@@ -199,11 +197,12 @@ def _trace(leaves, treedef, passthrough, positions, avals):
     return (closed, _Meta(keep, *meta)), False
 
 
-def _make_jaxpr(leaves, treedef, passthrough, positions, specs):
+def _make_jaxpr(flat, passthrough, positions, specs):
     box: list[Any] = []
+    treedef = flat.treedef()
 
     def flat_fn(*dyn):
-        new_leaves = list(leaves)
+        new_leaves = list(flat.leaves)
         for i, x in zip(positions, dyn, strict=True):
             new_leaves[i] = x
         tree = jtu.tree_unflatten(treedef, new_leaves)
@@ -225,32 +224,22 @@ def _spec(aval: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
-def _trace_key(leaves, treedef, passthrough, positions, avals) -> Any:
-    """Everything the traced program depends on, or None if it cannot be keyed:
-    structures and static leaves by `treedef_key`/`static_key` (so `f(v, 0.0)` and
-    `f(v, -0.0)`, or `f(v, 1)` and `f(v, True)`, are different programs), the avals
-    with weak types, and JAX's configuration."""
-    pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
-    if any(is_value(x) or _is_array(x) for x in pass_leaves):
-        return None  # values passed through are closed over: never reused
-    avals_at = dict(zip(positions, avals, strict=True))
-    parts: list[Any] = []
-    for i, x in enumerate(leaves):  # in leaf order: `f(2.0, v)` is not `f(v, 2.0)`
-        if i not in avals_at:
-            parts.append(("static", static_key(x)))
-        elif is_value(x):
-            vleaves, vtreedef = jtu.tree_flatten(x)
-            vavals = tuple(aval_key(jax.typeof(v)) for v in vleaves)
-            parts.append((treedef_key(vtreedef), vavals))
-        else:
-            parts.append(aval_key(avals_at[i]))
-    key = (
-        treedef_key(treedef),
-        tuple(parts),
-        treedef_key(pass_treedef),
-        tuple(static_key(x) for x in pass_leaves),
-        _compat.trace_context(),
-    )
+def _trace_key(flat: Flat, passthrough: Any) -> Any:
+    """Everything the traced program depends on, or None if it cannot be keyed: the
+    key of the tree's structure and leaves (`_flat_key`), what is passed through
+    (never values: those are closed over), and JAX's configuration."""
+    if flat.key is None:
+        return None
+    pass_key = None
+    if passthrough is not None:
+        pass_leaves, pass_treedef = jtu.tree_flatten(passthrough, is_leaf=is_value)
+        if any(is_value(x) or is_array(x) for x in pass_leaves):
+            return None  # values passed through are closed over: never reused
+        pass_key = (
+            treedef_key(pass_treedef),
+            tuple(static_key(x) for x in pass_leaves),
+        )
+    key = (flat.key, pass_key, _compat.trace_context())
     try:
         hash(key)
     except TypeError:

@@ -35,7 +35,16 @@ from ._table import (
 
 
 def is_value(x: Any) -> bool:
-    return isinstance(x, Value)
+    # By type, memoised: `isinstance` against an ABC costs about a microsecond, and
+    # every call of a quaxified function asks it of every leaf.
+    t = type(x)
+    known = _VALUE_TYPES.get(t)
+    if known is None:
+        known = _VALUE_TYPES[t] = isinstance(x, Value)
+    return known
+
+
+_VALUE_TYPES: dict[type, bool] = {}
 
 
 def aval_of(value: "Value") -> Any:

@@ -393,3 +393,107 @@ def test_numpy_inputs(x):
     arr = np.asarray(x)
     fn = lambda a, b: a + b
     assert _close(quax.quaxify(fn)(Ruleless(x), arr), x + arr)
+
+
+# -- a model flattened once (quax/_flat.py) -----------------------------------------------
+
+
+class _Stack(eqx.Module):
+    layers: list
+    table: dict
+    scale: float = eqx.field(static=True, default=1.0)
+
+    def __call__(self, x):
+        for w in self.layers:
+            x = jnp.tanh(w @ x)
+        return self.scale * (self.table["out"] @ x)
+
+
+def _stack(getkey):
+    layers = [Scaled(jr.normal(getkey(), (4, 4)), jnp.asarray(0.5)) for _ in range(2)]
+    return _Stack(layers, {"out": Ruleless(jr.normal(getkey(), (2, 4)))})
+
+
+def _dense_call(model, x):
+    return model.scale * (
+        densify(model.table["out"])
+        @ jnp.tanh(densify(model.layers[1]) @ jnp.tanh(densify(model.layers[0]) @ x))
+    )
+
+
+def test_model_remembered_and_changes_in_place_seen(getkey):
+    """A model's flattening is remembered by identity (from its second call);
+    replacing a layer in its list or dict in place is seen on the next call (never
+    the old weights)."""
+    from quax._flat import FN_MEMO
+
+    x = jr.normal(getkey(), (4,))
+    q = quax.quaxify(_stack(getkey))
+    model = q.fn  # `quaxify` holds a copy of the model it is given
+    assert _close(q(x), _dense_call(model, x))
+    assert FN_MEMO.get(model) is None
+    assert _close(q(x), _dense_call(model, x))
+    assert FN_MEMO.get(model) is not None
+    model.layers[1] = Scaled(jr.normal(getkey(), (4, 4)), jnp.asarray(2.0))
+    assert FN_MEMO.get(model) is None
+    assert _close(q(x), _dense_call(model, x))
+    model.table["out"] = Ruleless(jr.normal(getkey(), (2, 4)))
+    assert _close(q(x), _dense_call(model, x))
+    model.layers.append(Scaled(jnp.eye(4), jnp.asarray(3.0)))
+    h = jnp.tanh(densify(model.layers[1]) @ jnp.tanh(densify(model.layers[0]) @ x))
+    expected = jnp.tanh(densify(model.layers[2]) @ h)
+    assert _close(q(x), densify(model.table["out"]) @ expected)
+
+
+def test_model_memo_does_not_keep_models_alive(getkey):
+    import gc
+    import weakref
+
+    from quax._flat import FN_MEMO
+
+    x = jr.normal(getkey(), (4,))
+    q = quax.quaxify(_stack(getkey))
+    q(x), q(x)
+    before = len(FN_MEMO)
+    ref = weakref.ref(q.fn)
+    del q
+    gc.collect()
+    assert ref() is None and len(FN_MEMO) == before - 1
+
+
+def test_model_memo_skips_what_can_change_unseen(getkey):
+    """Mutable static data, numpy leaves and tracers are never remembered."""
+    from quax._flat import FN_MEMO
+
+    class WithStatic(eqx.Module):
+        w: Scaled
+        sizes: list = eqx.field(static=True)
+
+        def __call__(self, x):
+            return self.w @ x * len(self.sizes)
+
+    class WithNumpy(eqx.Module):
+        w: Scaled
+        b: np.ndarray
+
+        def __call__(self, x):
+            return self.w @ x, self.b
+
+    w, x = Scaled(jr.normal(getkey(), (4, 4)), jnp.asarray(0.5)), jnp.ones(4)
+    static = WithStatic(w, [1, 2])
+    numpy = WithNumpy(w, np.ones(4, np.float32))
+    for model in (static, numpy):
+        q = quax.quaxify(model)
+        q(x), q(x)
+        assert FN_MEMO.get(q.fn) is None
+    q.fn.b.shape = (1, 4)  # reshaped in place: the next call sees it
+    assert q(x)[1].shape == (1, 4)
+
+    @jax.jit
+    def traced(w, x):
+        q = quax.quaxify(WithNumpy(w, jnp.ones(4)))
+        out = q(x)[0] + q(x)[0]
+        assert FN_MEMO.get(q.fn) is None
+        return out
+
+    traced(w, x)
