@@ -146,28 +146,32 @@ class FnMemo:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, Flat, tuple[Any, ...]]] = {}
-        self._seen: dict[int, weakref.ref] = {}
-        self._lock = threading.Lock()
+        self._seen: dict[int, tuple[weakref.ref]] = {}
+        # Reentrant: a weakref callback (`_forgetter`) can run inside a locked block,
+        # whenever the garbage collector does.
+        self._lock = threading.RLock()
 
     def seen_before(self, fn: Any) -> bool:
         """Whether `fn` was met before (it is, from now on). A model is remembered on
         its second call: `quaxify(model)(x)` in a loop makes a new wrapper (and a
         new copy of `model`) every time, and is not worth remembering."""
         key = id(fn)
-        ref = self._seen.get(key)
-        if ref is not None and ref() is fn:
+        entry = self._seen.get(key)
+        if entry is not None and entry[0]() is fn:
             return True
         try:
-            self._seen[key] = weakref.ref(fn, self._forgetter(self._seen, key))
+            ref = weakref.ref(fn, self._forgetter(self._seen, key))
         except TypeError:
-            pass
+            return False
+        with self._lock:
+            self._seen[key] = (ref,)
         return False
 
     def _forgetter(self, entries: dict[int, Any], key: int) -> Any:
         def forget(ref: weakref.ref) -> None:
             with self._lock:
                 entry = entries.get(key)
-                if entry is not None and (entry is ref or entry[0] is ref):
+                if entry is not None and entry[0] is ref:
                     del entries[key]
 
         return forget
@@ -248,8 +252,8 @@ def _mutable_containers(tree: Any) -> list[Any] | None:
         if isinstance(x, np.ndarray | jax.core.Tracer):
             ok = False  # a tracer: this model lives in one trace; never reused
             return True
-        if is_value(x) or isinstance(x, jax.Array):
-            return True
+        if isinstance(x, jax.Array):
+            return True  # values are looked into: their fields are checked too
         t = type(x)
         if t is list or t is dict:
             found.append(x)
