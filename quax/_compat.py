@@ -188,6 +188,7 @@ def is_unspecified_sharding(sharding: Any) -> bool:
 # turns itself off if the internals differ (another JAX version): the walker then binds.
 
 _COPY_OK: bool | None = None
+_staging_rules: Any = None
 try:  # private; see the section comment
     from jax._src import core as _core
     from jax._src.interpreters import partial_eval as _pe
@@ -200,6 +201,12 @@ try:  # private; see the section comment
     _Ref = _core.Ref
 except (ImportError, AttributeError):  # another JAX: the walker binds
     _COPY_OK = False
+
+
+def in_staging_trace() -> bool:
+    """Whether the current trace stages a jaxpr (inside `jax.jit`, `make_jaxpr`, a
+    control-flow body). False where JAX's trace classes are not found."""
+    return _staging_rules is not None and type(_trace_ctx.trace) is _StagingTrace
 
 
 def staging_trace() -> Any:
@@ -234,12 +241,38 @@ def release_trace(trace: Any) -> None:
         trace.invalidate()
 
 
+def has_input_effects(effects: Any) -> bool:
+    """Whether any of `effects` is indexed by a jaxpr input (a mutable reference's
+    read or write): such an index would be wrong in a jaxpr with other inputs. JAX
+    0.10.2 exports no public name for the class; where it is missing, every effect
+    counts, so that the caller plays safe."""
+    if not effects:
+        return False
+    try:
+        from jax._src.effects import JaxprInputEffect  # private; see docstring
+    except ImportError:
+        return True
+    return any(isinstance(e, JaxprInputEffect) for e in effects)
+
+
 def copyable(eqn: Any) -> bool:
-    """Whether `eqn` may be copied rather than bound: no effects (their input indices
-    are resolved at bind time), no staging rule that does more than the default one
-    (a nested `jit` is copied unless it is to be inlined or holds mutable state), no
-    mutable state."""
-    if _COPY_OK is False:
+    """Whether `eqn` may be copied into a trace rather than bound (`keepable`, where
+    copying works)."""
+    return _COPY_OK is not False and keepable(eqn)
+
+
+def keepable_known() -> bool:
+    """Whether `keepable` can tell (JAX's staging rules were found)."""
+    return _staging_rules is not None
+
+
+def keepable(eqn: Any) -> bool:
+    """Whether `eqn`, met with the same operands, may stand in a new jaxpr as it is:
+    no effects (their input indices are resolved at bind time), no staging rule that
+    does more than the default one (a nested `jit` is kept unless it is to be inlined
+    or holds mutable state), no mutable state. False for all where JAX's staging
+    rules are not where JAX 0.10.2 has them."""
+    if _staging_rules is None:
         return False
     prim = eqn.primitive
     if eqn.effects or prim.ref_allocating:

@@ -13,11 +13,12 @@ from . import _compat
 from ._closures import lift_closure
 from ._errors import _MSG_NOT_CALLABLE, QuaxifyTypeError
 from ._flat import Flat, fn_flat, is_array, operands
+from ._rewrite import rewrite
 from ._strict import STATE, Mode, check_mode, mode_for_call
 from ._values import aval_of, is_value
 from ._walker import TraceCache, static_key, treedef_key, walk_closed
 from .handlers._common import unflatten_operands
-from .handlers._jit import jit_params, walk_to_jaxpr
+from .handlers._jit import jit_params
 
 
 #: Traces of quaxified functions, shared by every `quaxify` wrapper.
@@ -81,10 +82,11 @@ def _call(flat: Flat, passthrough: Any, cache: bool, fn: Any) -> Any:
         cached = cacheable and TRACES.put(key, *entry)
     closed_jaxpr, meta = entry
     outvals = None
-    if cached and recorder is None:
-        outvals = _run_compiled(closed_jaxpr, meta, flat)
+    if recorder is None:
+        if cached:
+            outvals = _run_compiled(closed_jaxpr, meta, flat)
         if outvals is None:
-            outvals = _run_rewritten(closed_jaxpr, meta, flat, inputs, fn)
+            outvals = _run_rewritten(closed_jaxpr, meta, flat, inputs, fn, cached)
     if outvals is None:
         outvals = walk_closed(closed_jaxpr, [inputs[k] for k in meta.keep])
     out_leaves = list(meta.out_leaves)
@@ -134,34 +136,35 @@ def _run_compiled(closed_jaxpr: Any, meta: _Meta, flat: Flat) -> list[Any] | Non
         return None
 
 
-_SEEN = object()  # `_Meta.rewritten`: walked in a trace once, not rewritten yet
-
-
 def _run_rewritten(
-    closed_jaxpr: Any, meta: _Meta, flat: Flat, fed: list[Any], fn: Any
+    closed_jaxpr: Any, meta: _Meta, flat: Flat, fed: list[Any], fn: Any, keep: bool
 ) -> list[Any] | None:
     """Inside a `jit` or `make_jaxpr` trace, the walked program is a function of the
-    trace key alone: from the second such trace on, walk it once into a jaxpr over
-    the inputs' leaves (cached with the trace) and bind that as one `jit` equation,
-    as `jax.jit` does for a function it has traced before. None elsewhere (eagerly, or under `grad`/`vmap`, where
-    handlers may see their operands' tracers), and the caller walks."""
-    if meta.rewritten is False or _compat.staging_trace() is None:
+    trace key alone: rewrite the jaxpr into one over the inputs' leaves
+    (`_rewrite.rewrite`; cached with the trace when `keep`) and bind that as one
+    `jit` equation, as `jax.jit` does. None elsewhere (eagerly, or under
+    `grad`/`vmap`, where handlers may see their operands' tracers) or where the
+    rewrite cannot be made, and the caller walks."""
+    if meta.rewritten is False or not _compat.in_staging_trace():
         return None
-    if meta.rewritten is None:
-        # The first time, walk into the trace itself (copying is cheap there, and a
-        # program traced once is not worth a second jaxpr); from the second, bind.
-        meta.rewritten = _SEEN
+    if len(meta.keep) != len(fed):  # traced with concrete arrays: eager only
         return None
     leaves, spec, _ = operands(flat)
-    if meta.rewritten is _SEEN:
-        entry = walk_to_jaxpr(closed_jaxpr, fed, (False,) * len(fed), leaves, spec)
-        if entry is None:  # closed over an outer trace's tracers
-            meta.rewritten = False
-            return None
-        new_closed, out_spec = entry
+    entry = meta.rewritten
+    if entry is None:
         name = getattr(fn, "__name__", type(fn).__name__)
-        meta.rewritten = (new_closed, out_spec, jit_params(name, new_closed))
-    new_closed, out_spec, params = meta.rewritten
+        folded = (False,) * len(fed)
+        got = rewrite(closed_jaxpr, fed, folded, leaves, spec, name)
+        if got is None:  # see `rewrite`: walk, now and on later traces
+            if keep:
+                meta.rewritten = False
+            return None
+        new_closed, out_spec, hoisted = got
+        entry = (new_closed, out_spec, jit_params(name, new_closed))
+        if keep and not hoisted:
+            meta.rewritten = entry
+        leaves = hoisted + leaves
+    new_closed, out_spec, params = entry
     if not new_closed.jaxpr.eqns:  # nothing to compute: forward, as `jit` would
         out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
     else:

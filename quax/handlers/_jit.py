@@ -15,6 +15,7 @@ import jax.core
 import numpy as np
 
 from .. import _compat
+from .._rewrite import rewrite
 from .._strict import STATE
 from .._walker import (
     TraceCache,
@@ -110,7 +111,12 @@ def walk_to_jaxpr(
     """`closed` walked on `invals` inside a fresh trace: a ClosedJaxpr over `leaves`
     (the flattened `invals` not `folded` into the body), and how to rebuild the
     outputs from its results; None if the walk closed over tracers of an outer trace
-    (the result then cannot be reused or bound on its own)."""
+    (the result then cannot be reused or bound on its own). Rewritten without
+    tracing what no value reaches (`quax._rewrite`) where it can be."""
+    got = rewrite(closed, invals, folded, leaves, spec, "jit")
+    if got is not None:
+        new_closed, out_spec, hoisted = got
+        return None if hoisted else (new_closed, out_spec)
     box: list[Any] = []
 
     def body(*inner_leaves):
