@@ -35,6 +35,7 @@ import jax.extend.source_info_util as source_info_util
 import numpy as np
 
 from . import _compat
+from ._strict import STATE
 from ._values import Value
 from ._walker import _FOLDABLE, _bind_plain, bind, run_eqn
 
@@ -73,6 +74,8 @@ def rewrite(
     `leaves` are the other operands flattened, `spec` as
     `handlers._common.flatten_operands` gives it. None if it cannot be rewritten
     (see the module)."""
+    if STATE.recorder is not None:
+        return None  # `quax.explain` walks, to see every equation
     plan = _plan(closed.jaxpr)
     if plan is None:
         return None
@@ -139,9 +142,14 @@ class _Rewrite:
         # The atom (renamed variable or literal) or `_Val` each variable of `jaxpr`
         # now is; a variable not in `env` is itself.
         self.env: dict[Any, Any] = {}
-        # Constants handlers may see: folded operands, and the equations computing
-        # a folded constant (run when a fragment first reads it).
-        self.known: dict[Any, Any] = {}
+        # Constants handlers see, as in the walk: the jaxpr's concrete constants,
+        # folded operands, and the equations computing a folded constant (run when
+        # a fragment first reads it).
+        self.known: dict[Any, Any] = {
+            v: c
+            for v, c in zip(self.jaxpr.constvars, closed.consts, strict=True)
+            if not isinstance(c, jax.core.Tracer)
+        }
         self.lazy: dict[Any, Any] = {}
         self.eqns: list[Any] = []
         self.constvars = list(self.jaxpr.constvars)
