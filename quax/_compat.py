@@ -100,23 +100,31 @@ def convert_constvars_jaxpr(jaxpr: Any) -> Any:
 
 
 def trace_flat(
-    fn: Callable[..., Any], specs: Sequence[Any], name: str
+    fn: Callable[..., Any], specs: Sequence[Any], name: str, *, named_args: bool = True
 ) -> tuple[Any, list[Any]]:
     """`fn` (leaves in, a pytree of leaves out) traced on the avals `specs` to an open
     jaxpr and the constants it closed over, as `lax.scan` and `lax.while_loop` trace
     their bodies. `jax.make_jaxpr` does the same through `jax.jit`'s machinery, which
     costs about as much again on a small body; it is the fallback where JAX's private
     tracing entry point (`partial_eval.trace_to_jaxpr_dynamic`, stable from 0.4 to
-    0.10.2) is not there."""
+    0.10.2) is not there. `specs` may be avals already; `named_args=False` skips
+    reading `fn`'s signature for its argument names (half the cost of tracing a
+    one-equation function)."""
     if _TRACE_DYNAMIC is None:
         closed = jax.make_jaxpr(fn)(*specs)
         return closed.jaxpr, list(closed.consts)
     trace_dynamic, debug_info = _TRACE_DYNAMIC
+    shaped = jax.core.ShapedArray
     avals = [
-        jax.core.ShapedArray(s.shape, s.dtype, weak_type=getattr(s, "weak_type", False))
+        s
+        if type(s) is shaped
+        else shaped(s.shape, s.dtype, weak_type=getattr(s, "weak_type", False))
         for s in specs
     ]
-    dbg = debug_info(name, fn, tuple(specs), {})
+    if named_args:
+        dbg = debug_info(name, fn, tuple(specs), {})
+    else:
+        dbg = jexc.DebugInfo(name, name, None, None)
 
     def flat(*args: Any) -> list[Any]:  # outputs flattened, as `make_jaxpr` does
         return jax.tree_util.tree_leaves(fn(*args))
@@ -277,8 +285,9 @@ def keepable(eqn: Any) -> bool:
     prim = eqn.primitive
     if eqn.effects or prim.ref_allocating:
         return False
-    if any(getattr(v.aval, "has_qdd", False) for v in eqn.outvars):
-        return False
+    for v in eqn.outvars:
+        if getattr(v.aval, "has_qdd", False):
+            return False
     if prim not in _staging_rules or prim.name in _DEFAULT_STAGING:
         return True
     if prim is jit_p:

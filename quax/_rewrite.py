@@ -333,7 +333,7 @@ class _Rewrite:
 
         with source_info_util.reset_name_stack():
             fjaxpr, fconsts = _compat.trace_flat(
-                fragment, [a.aval for a in atoms], "quaxify fragment"
+                fragment, [a.aval for a in atoms], "quaxify", named_args=False
             )
         if _compat.has_input_effects(fjaxpr.effects):
             raise _Abort

@@ -70,7 +70,7 @@ def test_renamed_operands_are_copies_with_the_same_source_info():
 def test_value_runs_longer_than_a_window():
     # Every equation meets a Zero: fragments of at most `_WINDOW` equations each.
     z = Zero((4,), jnp.float32)
-    n = 3 * _WINDOW + 5
+    n = _WINDOW + 5  # two equations each: three fragments
 
     def fn(z, x):
         for _ in range(n):
