@@ -25,7 +25,7 @@ differs from the jaxpr's.
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,7 +45,7 @@ from ._walker import _FOLDABLE, _bind_plain, bind, run_eqn
 _WINDOW = 64
 
 
-class _Val:
+class Val:
     """A value during the rewrite: its treedef and its leaves as atoms."""
 
     __slots__ = ("atoms", "treedef")
@@ -53,6 +53,16 @@ class _Val:
     def __init__(self, treedef: Any, atoms: list[Any]):
         self.treedef = treedef
         self.atoms = atoms
+
+
+#: An equation's rewrite without a fragment: given the equation and what each operand
+#: now is (an atom, or a `Val`: a value as its treedef and its leaves as atoms),
+#: the new equation and what each result is; or None, and a fragment runs it.
+EqnRewriter = Callable[[Any, list[Any]], "tuple[Any, list[Any]] | None"]
+
+#: Per primitive (filled by `quax/handlers/`): nested `jit` equations whose walked
+#: body is cached are emitted again directly.
+EQN_REWRITERS: dict[Any, EqnRewriter] = {}
 
 
 class _Abort(Exception):
@@ -139,7 +149,7 @@ class _Rewrite:
         self.jaxpr = closed.jaxpr
         self.steps, self.last = plan
         self.name = name
-        # The atom (renamed variable or literal) or `_Val` each variable of `jaxpr`
+        # The atom (renamed variable or literal) or `Val` each variable of `jaxpr`
         # now is; a variable not in `env` is itself.
         self.env: dict[Any, Any] = {}
         # Constants handlers see, as in the walk: the jaxpr's concrete constants,
@@ -159,7 +169,7 @@ class _Rewrite:
     def run(self, invals, folded, leaves, spec) -> tuple[Any, Any, list[Any]]:
         invars = self._inputs(invals, folded, leaves, spec)
         steps, n, i = self.steps, len(self.steps), 0
-        env, literal, val = self.env, jexc.Literal, _Val
+        env, literal, val = self.env, jexc.Literal, Val
         while i < n:
             eqn, keep, foldable = steps[i]
             if keep:
@@ -183,6 +193,10 @@ class _Rewrite:
                     self.eqns.append(eqn)
                     i += 1
                     continue
+            spliced = EQN_REWRITERS.get(eqn.primitive)
+            if spliced is not None and self._splice(spliced, eqn):
+                i += 1
+                continue
             i = self._fragment(i)
         outvars, out_spec = self._outputs()
         # Constants that are tracers of an enclosing trace (the function closed
@@ -227,7 +241,7 @@ class _Rewrite:
             else:
                 treedef, count = s
                 atoms = [jexc.Var(_aval(next(leaf_iter))) for _ in range(count)]
-                self.env[var] = _Val(treedef, atoms)
+                self.env[var] = Val(treedef, atoms)
                 invars.extend(atoms)
         return invars
 
@@ -236,7 +250,7 @@ class _Rewrite:
         spec: list[Any] = []
         for v in self.jaxpr.outvars:
             e = v if type(v) is jexc.Literal else self.env.get(v, v)
-            if type(e) is _Val:
+            if type(e) is Val:
                 outvars.extend(e.atoms)
                 spec.append((e.treedef, len(e.atoms)))
             else:
@@ -244,8 +258,29 @@ class _Rewrite:
                 spec.append(None)
         return outvars, tuple(spec)
 
+    def _splice(self, rewriter: "EqnRewriter", eqn: Any) -> bool:
+        """`eqn` rewritten without a fragment by `rewriter`, if it can."""
+        reads = []
+        for v in eqn.invars:
+            if type(v) is not jexc.Literal:
+                if v in self.known or v in self.lazy:
+                    return False  # a constant its handler would see: a fragment
+                v = self.env.get(v, v)
+            reads.append(v)
+        got = rewriter(eqn, reads)
+        if got is None:
+            return False
+        new_eqn, outs = got
+        if _compat.has_input_effects(new_eqn.effects):
+            return False
+        self.eqns.append(new_eqn)
+        self.effects.update(new_eqn.effects)
+        for var, out in zip(eqn.outvars, outs, strict=True):
+            self.env[var] = out
+        return True
+
     def _read(self, v: Any) -> Any:
-        """How a fragment reads `v`: a constant, a `_Val` or an atom."""
+        """How a fragment reads `v`: a constant, a `Val` or an atom."""
         if v in self.known:
             return self.known[v]
         eqn = self.lazy.get(v)
@@ -280,7 +315,7 @@ class _Rewrite:
         builders: list[Any] = []
         for v in reads:
             r = self._read(v)
-            if type(r) is _Val:
+            if type(r) is Val:
                 where = []
                 for a in r.atoms:
                     if type(a) is jexc.Literal:
@@ -307,6 +342,8 @@ class _Rewrite:
                 invals = [
                     v.val if type(v) is jexc.Literal else local[v] for v in eqn.invars
                 ]
+                if j > start and eqn.primitive in EQN_REWRITERS:
+                    break  # may be spliced without a fragment: see `_splice`
                 if any(isinstance(x, Value) for x in invals):
                     outvals = run_eqn(eqn, invals)
                 elif j == start:  # an equation that must be bound (effects, ...)
@@ -350,7 +387,7 @@ class _Rewrite:
             if s is None:
                 self.env[var] = next(results)
             else:
-                self.env[var] = _Val(s[0], [next(results) for _ in range(s[1])])
+                self.env[var] = Val(s[0], [next(results) for _ in range(s[1])])
         return stop[0]
 
 

@@ -160,3 +160,40 @@ def test_scaled_values_stay_values_through_the_rewrite(getkey):
     out = jax.jit(quax.quaxify(lambda v: -(v * 3.0)))(value)
     assert isinstance(out, Scaled)
     assert tree_allclose(densify(out), -(densify(value) * 3.0))
+
+
+def test_cached_nested_jit_is_spliced_without_a_fragment(getkey, monkeypatch):
+    # 8 calls of one jitted block on a LowRank weight: the first is walked (in a
+    # fragment); the other 7 find the walked body cached and are emitted directly.
+    from builders import make_lowrank
+
+    import quax._rewrite as rewrite_module
+
+    @jax.jit
+    def block(h, w):
+        return jnp.tanh(h @ w) + h
+
+    def model(w, h):
+        for _ in range(8):
+            h = block(h, w)
+        return h
+
+    w, _ = make_lowrank(getkey(), shape=(4, 4), rank=2)
+    h = jnp.ones((2, 4))
+    fragments = []
+    original = rewrite_module._Rewrite._fragment
+
+    def counting(self, start):
+        fragments.append(self.steps[start][0].primitive.name)
+        return original(self, start)
+
+    monkeypatch.setattr(rewrite_module._Rewrite, "_fragment", counting)
+    closed = jax.make_jaxpr(quax.quaxify(model, cache=False))(w, h)
+    # The first call's fragment, and inside it the rewrite of the block's body (its
+    # `h @ w` meets the LowRank); nothing for the other seven calls.
+    assert fragments == ["jit", "dot_general"]
+    jits = [e for e in walked(closed).jaxpr.eqns if e.primitive.name == "jit"]
+    assert len(jits) == 8 and len({id(e.params["jaxpr"]) for e in jits}) == 1
+    jexc.check_jaxpr(closed.jaxpr)
+    out = jax.jit(quax.quaxify(model))(w, h)
+    assert tree_allclose(out, model(densify(w), h), rtol=1e-5, atol=1e-5)

@@ -12,17 +12,20 @@ from typing import Any
 
 import jax
 import jax.core
+import jax.extend.core as jexc
 import numpy as np
 
 from .. import _compat
-from .._rewrite import rewrite
+from .._rewrite import EQN_REWRITERS, Val, rewrite
 from .._strict import STATE
 from .._walker import (
     TraceCache,
+    aval_key,
     bind,
     operands_key,
     register,
     static_key,
+    treedef_key,
     walk_closed,
 )
 from ._common import (
@@ -69,6 +72,75 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
         # sharding asked of the results: emit no empty `jit` shell, just forward.
         out_leaves = jax.core.eval_jaxpr(new_closed.jaxpr, new_closed.consts, *leaves)
         return unflatten_operands(out_leaves, out_spec)
+    params = _params(eqn, new_closed, folded, spec, out_spec)
+    out_leaves = bind(eqn, leaves, eqn.primitive.get_bind_params(params))
+    return unflatten_operands(out_leaves, out_spec)
+
+
+def rewrite_jit(eqn: Any, reads: list[Any]) -> tuple[Any, list[Any]] | None:
+    """A `jit` equation met in a rewrite (`quax._rewrite`) whose walked body is
+    cached: the same `jit` equation over the leaves, made directly, with no trace.
+    The key is `jit_handler`'s, from the operands' avals; None (and a fragment runs
+    `jit_handler`) on a miss, or for operands `jit_handler` would see as constants."""
+    if STATE.recorder is not None:
+        return None
+    atoms: list[Any] = []
+    spec: list[Any] = []
+    folded: list[bool] = []
+    literals: list[Any] = []
+    for r in reads:
+        if type(r) is jexc.Literal:
+            folded.append(True)
+            literals.append(_literal_key(r.val))
+            continue
+        folded.append(False)
+        literals.append(None)
+        if type(r) is Val:
+            if any(type(a) is not jexc.Var for a in r.atoms):
+                return None
+            atoms.extend(r.atoms)
+            spec.append((r.treedef, len(r.atoms)))
+        elif type(r) is jexc.Var:
+            atoms.append(r)
+            spec.append(None)
+        else:
+            return None
+    spec_t = tuple(spec)
+    spec_key = tuple(None if s is None else (treedef_key(s[0]), s[1]) for s in spec)
+    avals = tuple(aval_key(a.aval) for a in atoms)
+    key = (eqn.params["jaxpr"], tuple(literals), (spec_key, avals), STATE.mode)
+    entry = JIT_TRACES.get(key)
+    if entry is None:
+        return None
+    new_closed, out_spec = entry
+    if not new_closed.jaxpr.eqns:
+        return None  # `jit_handler` forwards; leave it to it
+    params = _params(eqn, new_closed, folded, spec_t, out_spec)
+    outvars = [jexc.Var(a) for a in new_closed.out_avals]
+    new_eqn = jexc.new_jaxpr_eqn(
+        atoms,
+        outvars,
+        eqn.primitive,
+        params,
+        new_closed.effects,
+        eqn.source_info,
+        eqn.ctx,
+    )
+    outs: list[Any] = []
+    it = iter(outvars)
+    for s in out_spec:
+        if s is None:
+            outs.append(next(it))
+        else:
+            outs.append(Val(s[0], [next(it) for _ in range(s[1])]))
+    return new_eqn, outs
+
+
+def _params(
+    eqn: Any, new_closed: Any, folded: Sequence[bool], spec: Any, out_spec: Any
+) -> dict[str, Any]:
+    """`eqn`'s params for a call of `new_closed` over the leaves: per-operand params
+    repeated per leaf, those of folded operands dropped."""
     params = dict(eqn.params, jaxpr=new_closed)
     for name in _PER_INPUT:
         if name in params:
@@ -77,8 +149,10 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     for name in _PER_OUTPUT:
         if name in params:
             params[name] = expand_per_operand(params[name], out_spec)
-    out_leaves = bind(eqn, leaves, eqn.primitive.get_bind_params(params))
-    return unflatten_operands(out_leaves, out_spec)
+    return params
+
+
+EQN_REWRITERS[_compat.jit_p] = rewrite_jit
 
 
 def _no_placement(params: dict[str, Any]) -> bool:
