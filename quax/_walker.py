@@ -372,14 +372,17 @@ class TraceCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Any) -> Any:
+    def get(self, key: Any, *, probe: bool = False) -> Any:
+        """The entry for `key`, or None. `probe`: a miss is not counted (the caller
+        will look again, through the path that fills the entry)."""
         if key is None:
             return None
         with self._lock:
             try:
                 entry = self._entries.pop(key)
             except (KeyError, TypeError):
-                self.misses += 1
+                if not probe:
+                    self.misses += 1
                 return None
             self._entries[key] = entry  # most recently used goes last
             self.hits += 1

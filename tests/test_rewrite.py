@@ -14,6 +14,7 @@ from helpers import densify, tree_allclose, walked
 import quax
 from quax._rewrite import _WINDOW, rewrite
 from quax.handlers._common import flatten_operands
+from quax.handlers._jit import JIT_TRACES
 from quax.zero import Zero
 
 
@@ -188,7 +189,9 @@ def test_cached_nested_jit_is_spliced_without_a_fragment(getkey, monkeypatch):
         return original(self, start)
 
     monkeypatch.setattr(rewrite_module._Rewrite, "_fragment", counting)
+    JIT_TRACES.clear()
     closed = jax.make_jaxpr(quax.quaxify(model, cache=False))(w, h)
+    assert (JIT_TRACES.misses, JIT_TRACES.hits) == (1, 7)  # one walk of the block
     # The first call's fragment, and inside it the rewrite of the block's body (its
     # `h @ w` meets the LowRank); nothing for the other seven calls.
     assert fragments == ["jit", "dot_general"]

@@ -109,7 +109,7 @@ def rewrite_jit(eqn: Any, reads: list[Any]) -> tuple[Any, list[Any]] | None:
     spec_key = tuple(None if s is None else (treedef_key(s[0]), s[1]) for s in spec)
     avals = tuple(aval_key(a.aval) for a in atoms)
     key = (eqn.params["jaxpr"], tuple(literals), (spec_key, avals), STATE.mode)
-    entry = JIT_TRACES.get(key)
+    entry = JIT_TRACES.get(key, probe=True)
     if entry is None:
         return None
     new_closed, out_spec = entry
