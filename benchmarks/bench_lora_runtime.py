@@ -89,11 +89,16 @@ def hlo_ops(fn, *args) -> collections.Counter:
     return collections.Counter(re.findall(r"= [^=]*? ([a-z][a-z\-]*)\(", text))
 
 
-def run(mode: str = "full") -> Results:
-    sizes = {"full": (1024, 2048), "quick": (1024,), "tiny": (64,)}[mode]
+def run(
+    mode: str = "full", sizes: tuple[int, ...] | None = None, batch: int = 64
+) -> Results:
+    """`sizes` (the `d`s) and `batch` default to those of `mode`; `bench_gpu.py`
+    asks for d = 4096."""
+    if sizes is None:
+        sizes = {"full": (1024, 2048), "quick": (1024,), "tiny": (64,)}[mode]
     rounds = {"full": 15, "quick": 5, "tiny": 1}[mode]
     number = {"full": 10, "quick": 5, "tiny": 1}[mode]
-    rank, batch = 8, 64
+    rank = 8
     res = Results(
         "lora_runtime", f"compiled LoRA layer, rank {rank}, batch {batch}", mode
     )
