@@ -4,7 +4,7 @@
 # wheel in .whl/). Results and logs go to $OUT (default: benchmarks/results/device).
 #
 #     bash benchmarks/device_run.sh
-set -u
+set -u -o pipefail
 OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,5 +30,5 @@ PY
 (cd benchmarks && timeout 300 python3 bench_gpu.py --out "$OUT") 2>&1 | tee "$OUT/bench_gpu.log"
 # 2. The suite on this JAX, on the CPU (as CI runs it), every core.
 FUZZ_SEED=20261129 JAX_CHECK_TRACER_LEAKS=1 JAX_PLATFORMS=cpu timeout 270 \
-    python3 -m pytest -n "$(nproc)" -q -m "not slow" \
+    python3 -m pytest -n "$(nproc)" -q -m "not slow" -p no:benchmark \
     2>&1 | tee "$OUT/tests.log" | tail -60

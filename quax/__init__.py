@@ -35,4 +35,7 @@ from ._values import (
 from .handlers._sharding import leaf_shardings as leaf_shardings
 
 
-__version__ = _metadata.version("quax")
+try:
+    __version__ = _metadata.version("quax")
+except _metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"
