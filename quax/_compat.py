@@ -130,7 +130,12 @@ def trace_flat(
         return jax.tree_util.tree_leaves(fn(*args))
 
     jaxpr, _, consts = trace_dynamic(jexc_lu.wrap_init(flat, debug_info=dbg), avals)
-    return jaxpr, list(consts)
+    consts = list(consts)
+    if len(jaxpr.constvars) != len(consts):
+        # JAX 0.11 (`Jaxpr` and `ClosedJaxpr` merged): the constvars of a jaxpr with
+        # no values attached are its leading invars; attach them, as in 0.10.
+        jaxpr = jaxpr.with_consts(consts)
+    return jaxpr, consts
 
 
 def _find_trace_dynamic() -> Any:
