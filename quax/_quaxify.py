@@ -6,6 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.core
+import jax.extend.core as jexc
 import jax.tree_util as jtu
 import numpy as np
 
@@ -219,8 +220,8 @@ def _make_jaxpr(flat, passthrough, positions, specs):
         box.append((out_treedef, tuple(static), tuple(out_positions)))
         return [out_leaves[i] for i in out_positions]
 
-    closed = jax.make_jaxpr(flat_fn)(*specs)
-    return closed, box[0]
+    jaxpr, consts = _compat.trace_flat(flat_fn, specs, "quaxify", named_args=False)
+    return jexc.ClosedJaxpr(jaxpr, consts), box[0]
 
 
 def _spec(aval: Any) -> jax.ShapeDtypeStruct:

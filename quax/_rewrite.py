@@ -57,11 +57,15 @@ class Val:
 
 #: An equation's rewrite without a fragment: given the equation and what each operand
 #: now is (an atom, or a `Val`: a value as its treedef and its leaves as atoms),
-#: the new equation and what each result is; or None, and a fragment runs it.
-EqnRewriter = Callable[[Any, list[Any]], "tuple[Any, list[Any]] | None"]
+#: the new equation, what each result is, and the constants (variable, value) the new
+#: equation reads; or None, and a fragment runs it.
+EqnRewriter = Callable[
+    [Any, list[Any]], "tuple[Any, list[Any], list[tuple[Any, Any]]] | None"
+]
 
 #: Per primitive (filled by `quax/handlers/`): nested `jit` equations whose walked
-#: body is cached are emitted again directly.
+#: body is cached are emitted again directly, and `scan`, `while` and `cond` with
+#: their bodies and branches rewritten by `rewrite` itself.
 EQN_REWRITERS: dict[Any, EqnRewriter] = {}
 
 
@@ -270,9 +274,12 @@ class _Rewrite:
         got = rewriter(eqn, reads)
         if got is None:
             return False
-        new_eqn, outs = got
+        new_eqn, outs, consts = got
         if _compat.has_input_effects(new_eqn.effects):
             return False
+        for var, c in consts:
+            self.constvars.append(var)
+            self.consts.append(c)
         self.eqns.append(new_eqn)
         self.effects.update(new_eqn.effects)
         for var, out in zip(eqn.outvars, outs, strict=True):
@@ -425,6 +432,8 @@ def _sub(sub: dict[Any, Any], v: Any) -> Any:
 
 
 def _aval(leaf: Any) -> Any:
+    if isinstance(leaf, jax.core.ShapedArray):
+        return leaf
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.core.ShapedArray(
             leaf.shape, leaf.dtype, weak_type=getattr(leaf, "weak_type", False)

@@ -235,7 +235,7 @@ class ArrayValue(Value):
         The default follows `scan_leafwise()`: if True, and every leaf has the leading
         axis `length`, the leaves are sliced one by one; otherwise None.
         """
-        if not self.scan_leafwise():
+        if not type(self).scan_leafwise(self):  # no bound method: see `aval_of`
             return None
         leaves, treedef = jtu.tree_flatten(self)
         if not leaves or not all(_leading(leaf) == length for leaf in leaves):
@@ -255,7 +255,7 @@ class ArrayValue(Value):
         The default follows `scan_leafwise()`: if True, the leaves are stacked one by
         one; otherwise None.
         """
-        if not self.scan_leafwise():
+        if not type(self).scan_leafwise(self):  # no bound method: see `aval_of`
             return None
         leaves, treedef = jtu.tree_flatten(self)
         if not leaves:

@@ -11,13 +11,20 @@ branches agree. The result is emitted again as one conditional through the publi
 `jax.lax.switch`, or, for a platform-dependent conditional,
 `jax.lax.platform_dependent` with the same branches for the same platforms (so JAX
 still picks the branch when it lowers the program).
+
+Inside quaxify's rewrite (`quax._rewrite`), a conditional whose branches agree is not
+walked: `rewrite_cond` rewrites each branch as a jaxpr over the leaves and makes the
+new `cond` equation directly; where they disagree, it declines and `cond_handler` runs.
 """
 
 from typing import Any
 
 import jax
+import jax.extend.core as jexc
 
 from .. import _compat
+from .._rewrite import EQN_REWRITERS, Val, rewrite
+from .._strict import STATE
 from .._walker import register, walk_closed
 from ._common import abstract_call, dense, join_kinds, join_to, value_types
 
@@ -68,3 +75,77 @@ def _walker_of(branch: Any, targets: list[Any] | None = None, eqn: Any = None) -
         ]
 
     return run
+
+
+def rewrite_cond(
+    eqn: Any, reads: list[Any]
+) -> tuple[Any, list[Any], list[tuple[Any, Any]]] | None:
+    """A `cond` met in a rewrite (`quax._rewrite`): the same `cond` equation over the
+    leaves, made directly, each branch rewritten as a jaxpr (equations no value
+    reaches kept, the others traced as fragments) rather than walked twice. None,
+    and a fragment runs `cond_handler`, where the branches' outputs disagree in kind
+    or type (`cond_handler` joins them), the index is a value, the params are not
+    those this knows, or under `quax.explain`.
+
+    Constants a branch's fragments made become operands of the new equation; every
+    branch takes all of them (a branch ignores the others')."""
+    params = eqn.params
+    if STATE.recorder is not None or not set(params) <= _COND_PARAMS:
+        return None
+    index, *rest = reads
+    if type(index) is Val:
+        return None
+    atoms = [a for r in rest for a in (r.atoms if type(r) is Val else [r])]
+    avals = [a.aval for a in atoms]
+    spec = tuple((r.treedef, len(r.atoms)) if type(r) is Val else None for r in rest)
+    n = len(rest)
+    outs = []
+    for k, branch in enumerate(params["branches"]):
+        got = rewrite(branch, [None] * n, [False] * n, avals, spec, f"branch_{k}")
+        if got is None or got[2]:
+            return None
+        outs.append(got)
+    first_spec, first_avals = outs[0][1], outs[0][0].out_avals
+    if any(o[1] != first_spec or o[0].out_avals != first_avals for o in outs[1:]):
+        return None  # the branches disagree: `cond_handler` joins them
+    consts = [
+        (jexc.Var(v.aval), c)
+        for closed, _, _ in outs
+        for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)
+    ]
+    branches = []
+    start = 0
+    for closed, _, _ in outs:
+        jaxpr = closed.jaxpr
+        own = list(jaxpr.constvars)
+        ignored = [jexc.Var(v.aval) for v, _ in consts]
+        ignored[start : start + len(own)] = own
+        start += len(own)
+        branches.append(
+            jexc.ClosedJaxpr(
+                jaxpr.replace(constvars=[], invars=[*ignored, *jaxpr.invars]), ()
+            )
+        )
+    effects = set().union(*(b.effects for b in branches))
+    outvars = [jexc.Var(a) for a in first_avals]
+    new_eqn = jexc.new_jaxpr_eqn(
+        [index, *(v for v, _ in consts), *atoms],
+        outvars,
+        eqn.primitive,
+        dict(params, branches=tuple(branches)),
+        effects,
+        eqn.source_info,
+        eqn.ctx,
+    )
+    it = iter(outvars)
+    results = [
+        next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
+        for s in first_spec
+    ]
+    return new_eqn, results, consts
+
+
+#: The params of a `cond` equation that `rewrite_cond` knows.
+_COND_PARAMS = frozenset(("branches", "branches_platforms"))
+
+EQN_REWRITERS[_compat.cond_p] = rewrite_cond

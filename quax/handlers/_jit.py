@@ -77,7 +77,9 @@ def jit_handler(eqn: Any, invals: list[Any]) -> list[Any]:
     return unflatten_operands(out_leaves, out_spec)
 
 
-def rewrite_jit(eqn: Any, reads: list[Any]) -> tuple[Any, list[Any]] | None:
+def rewrite_jit(
+    eqn: Any, reads: list[Any]
+) -> tuple[Any, list[Any], list[tuple[Any, Any]]] | None:
     """A `jit` equation met in a rewrite (`quax._rewrite`) whose walked body is
     cached: the same `jit` equation over the leaves, made directly, with no trace.
     The key is `jit_handler`'s, from the operands' avals; None (and a fragment runs
@@ -133,7 +135,7 @@ def rewrite_jit(eqn: Any, reads: list[Any]) -> tuple[Any, list[Any]] | None:
             outs.append(next(it))
         else:
             outs.append(Val(s[0], [next(it) for _ in range(s[1])]))
-    return new_eqn, outs
+    return new_eqn, outs, []
 
 
 def _params(

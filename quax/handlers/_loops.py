@@ -16,6 +16,12 @@ its `stack` hook (both derived from `scan_leafwise()` by default); a value whose
 returns None is materialised. Scans are emitted again through the public
 `jax.lax.scan`; a `while` is bound again directly, on its walked cond and body traced to
 jaxprs over the leaves, so JAX's own rules apply (vmap with a batched predicate).
+
+Inside quaxify's rewrite (`quax._rewrite`), a loop whose carries keep their kinds is
+not walked at all: `rewrite_scan` and `rewrite_while` rewrite its body (and cond) as
+jaxprs over the leaves, keeping the equations no value reaches, and make the new loop
+equation directly. Where a carry changes kind, or a hook must run on arrays, they
+decline and the handlers above run.
 """
 
 from collections.abc import Callable, Sequence
@@ -34,6 +40,8 @@ from .._errors import (
     describe_aval,
     format_site,
 )
+from .._rewrite import EQN_REWRITERS, Val, rewrite
+from .._strict import STATE
 from .._values import ArrayValue, aval_of
 from .._walker import bind, register, walk_closed
 from ._common import (
@@ -220,16 +228,325 @@ _SCAN_PARAMS = frozenset(
 def _unplaced(operands: Sequence[Any]) -> bool:
     """No leaf of `operands` carries varying manual axes (inside `shard_map`) or a
     sharding in its type, which a body traced on plain specs would drop."""
-    for leaf in jtu.tree_leaves(operands):
-        aval = jax.typeof(leaf)
-        if _compat.varying_axes(aval):
-            return False
-        sharding = getattr(aval, "sharding", None)
-        if sharding is not None and any(
-            p is not None for p in getattr(sharding, "spec", ())
-        ):
-            return False
-    return True
+    return not any(_placed(jax.typeof(leaf)) for leaf in jtu.tree_leaves(operands))
+
+
+def _placed(aval: Any) -> bool:
+    if _compat.varying_axes(aval):
+        return True
+    sharding = getattr(aval, "sharding", None)
+    return sharding is not None and any(
+        p is not None for p in getattr(sharding, "spec", ())
+    )
+
+
+def rewrite_scan(
+    eqn: Any, reads: list[Any]
+) -> tuple[Any, list[Any], list[tuple[Any, Any]]] | None:
+    """A `scan` met in a rewrite (`quax._rewrite`): the same `scan` equation over the
+    leaves, made directly, its body rewritten as a jaxpr (equations no value reaches
+    kept, the others traced as fragments) instead of walked in a second trace.
+
+    None, and a fragment runs `scan_handler`, wherever the walk does more than this
+    can say: a carry whose kind (or a leaf's weak type) one iteration changes, an
+    `unstack` or `stack` hook that computes rather than regroups leaves, operands
+    with a placement, a `scan` with other params (JAX 0.11), and under
+    `quax.explain`."""
+    params = eqn.params
+    if STATE.recorder is not None or set(params) != _SCAN_PARAMS:
+        return None
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    length = params["length"]
+    operands: list[Any] = []  # the new equation's, after the hoisted constants
+    leaves: list[Any] = []  # the body's inputs' avals
+    spec: list[Any] = []
+    counts: list[int] = []
+    for k, r in enumerate(reads):
+        is_x = k >= n_consts + n_carry
+        if not isinstance(r, Val):
+            atoms, s = [r], None
+            body_leaves = [_sliced(r.aval) if is_x else r.aval]
+        elif is_x:
+            got = _unstack_abstract(r, length)
+            if got is None:
+                return None
+            atoms, body_leaves, s = got
+        else:
+            atoms, s = r.atoms, (r.treedef, len(r.atoms))
+            body_leaves = [a.aval for a in atoms]
+        if any(_placed(a.aval) for a in atoms):
+            return None
+        operands.extend(atoms)
+        leaves.extend(body_leaves)
+        spec.append(s)
+        counts.append(len(atoms))
+    n = len(reads)
+    got = rewrite(params["jaxpr"], [None] * n, [False] * n, leaves, tuple(spec), "scan")
+    if got is None:
+        return None
+    closed, out_spec, hoisted = got
+    n_cl = sum(counts[:n_consts])  # leaves of the consts
+    n_ck = sum(counts[n_consts : n_consts + n_carry])  # and of the carries
+    carry_in = closed.in_avals[n_cl : n_cl + n_ck]
+    if (
+        hoisted
+        or tuple(out_spec[:n_carry]) != tuple(spec[n_consts : n_consts + n_carry])
+        or list(closed.out_avals[:n_ck]) != list(carry_in)
+    ):
+        return None  # a carry changes kind: `scan_handler` finds the fixed point
+    jaxpr = closed.jaxpr
+    # Each `y`: which of the body's results are stacked, and how the stacked value
+    # is rebuilt from the scan's results (None for an array).
+    body_out = list(jaxpr.outvars[:n_ck])
+    y_plans: list[Any] = []
+    k = n_ck
+    for y, s in zip(eqn.outvars[n_carry:], out_spec[n_carry:], strict=True):
+        if s is None:
+            body_out.append(jaxpr.outvars[k])
+            y_plans.append(None)
+            k += 1
+            continue
+        got = _stack_abstract(s[0], closed.out_avals[k : k + s[1]], length, y.aval)
+        if got is None:
+            return None
+        picks, rebuilt = got
+        body_out.extend(jaxpr.outvars[k + p] for p in picks)
+        y_plans.append((len(picks), rebuilt))
+        k += s[1]
+    body, consts = _hoist(jaxpr.replace(outvars=body_out), closed.consts)
+    new_params = dict(
+        params,
+        jaxpr=body,
+        num_consts=len(consts) + n_cl,
+        num_carry=n_ck,
+    )
+    ys = [_stacked(v.aval, length) for v in body_out[n_ck:]]
+    jaxpr = body.jaxpr
+    outvars = [jexc.Var(a) for a in [*carry_in, *ys]]
+    new_eqn = jexc.new_jaxpr_eqn(
+        [v for v, _ in consts] + operands,
+        outvars,
+        eqn.primitive,
+        new_params,
+        jaxpr.effects,
+        eqn.source_info,
+        eqn.ctx,
+    )
+    outs: list[Any] = []
+    it = iter(outvars)
+    for s in out_spec[:n_carry]:
+        outs.append(
+            next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
+        )
+    for plan in y_plans:
+        if plan is None:
+            outs.append(next(it))
+        else:
+            count, (treedef, where) = plan
+            stacked = [next(it) for _ in range(count)]
+            outs.append(Val(treedef, [stacked[w] for w in where]))
+    return new_eqn, outs, consts
+
+
+def _hoist(jaxpr: Any, consts: Sequence[Any]) -> tuple[Any, list[tuple[Any, Any]]]:
+    """A loop body (`jaxpr` with `consts`, as `rewrite` made it) with no constants:
+    they become its leading inputs, read from new outer variables (returned with
+    their values), as loops take their constants as operands."""
+    if not jaxpr.constvars:
+        return jexc.ClosedJaxpr(jaxpr, ()), []
+    outer = [
+        (jexc.Var(v.aval), c) for v, c in zip(jaxpr.constvars, consts, strict=True)
+    ]
+    return jexc.ClosedJaxpr(_compat.convert_constvars_jaxpr(jaxpr), ()), outer
+
+
+#: The params of a `while` equation that `rewrite_while` knows (0.10 and 0.11).
+_WHILE_PARAMS = frozenset(("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"))
+
+
+def rewrite_while(
+    eqn: Any, reads: list[Any]
+) -> tuple[Any, list[Any], list[tuple[Any, Any]]] | None:
+    """A `while` met in a rewrite (`quax._rewrite`): the same `while` equation over
+    the leaves, its cond and body rewritten as jaxprs, as `rewrite_scan` does. None
+    (and a fragment runs `while_handler`) where a carry's kind or a leaf's weak type
+    changes in one iteration, the cond returns a value, operands have a placement,
+    or under `quax.explain`."""
+    params = eqn.params
+    if STATE.recorder is not None or set(params) != _WHILE_PARAMS:
+        return None
+    n_cc, n_bc = params["cond_nconsts"], params["body_nconsts"]
+    groups = [reads[:n_cc], reads[n_cc : n_cc + n_bc], reads[n_cc + n_bc :]]
+    flat = []
+    for group in groups:
+        atoms = [a for r in group for a in (r.atoms if type(r) is Val else [r])]
+        if any(_placed(a.aval) for a in atoms):
+            return None
+        spec = [(r.treedef, len(r.atoms)) if type(r) is Val else None for r in group]
+        flat.append((atoms, [a.aval for a in atoms], spec))
+    (
+        (c_atoms, c_avals, c_spec),
+        (b_atoms, b_avals, b_spec),
+        (k_atoms, k_avals, k_spec),
+    ) = flat
+    n_c, n_b = len(groups[0]), len(groups[1])
+    cond = rewrite(
+        params["cond_jaxpr"],
+        [None] * (n_c + len(k_spec)),
+        [False] * (n_c + len(k_spec)),
+        [*c_avals, *k_avals],
+        (*c_spec, *k_spec),
+        "while_cond",
+    )
+    if cond is None:
+        return None
+    body = rewrite(
+        params["body_jaxpr"],
+        [None] * (n_b + len(k_spec)),
+        [False] * (n_b + len(k_spec)),
+        [*b_avals, *k_avals],
+        (*b_spec, *k_spec),
+        "while_body",
+    )
+    if body is None:
+        return None
+    (cond_closed, cond_out, cond_hoisted), (body_closed, body_out, body_hoisted) = (
+        cond,
+        body,
+    )
+    if (
+        cond_hoisted
+        or body_hoisted
+        or cond_out != (None,)
+        or tuple(body_out) != tuple(k_spec)
+        or list(body_closed.out_avals) != list(k_avals)
+    ):
+        return None  # a carry changes kind: `while_handler` finds the fixed point
+    cond_jaxpr, cond_consts = _hoist(cond_closed.jaxpr, cond_closed.consts)
+    body_jaxpr, body_consts = _hoist(body_closed.jaxpr, body_closed.consts)
+    new_params = dict(
+        params,
+        cond_jaxpr=cond_jaxpr,
+        body_jaxpr=body_jaxpr,
+        cond_nconsts=len(cond_consts) + len(c_atoms),
+        body_nconsts=len(body_consts) + len(b_atoms),
+    )
+    outvars = [jexc.Var(a) for a in k_avals]
+    operands = [
+        *(v for v, _ in cond_consts),
+        *c_atoms,
+        *(v for v, _ in body_consts),
+        *b_atoms,
+        *k_atoms,
+    ]
+    new_eqn = jexc.new_jaxpr_eqn(
+        operands,
+        outvars,
+        eqn.primitive,
+        new_params,
+        {*cond_jaxpr.effects, *body_jaxpr.effects},
+        eqn.source_info,
+        eqn.ctx,
+    )
+    outs: list[Any] = []
+    it = iter(outvars)
+    for s in k_spec:
+        outs.append(
+            next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
+        )
+    return new_eqn, outs, cond_consts + body_consts
+
+
+def _unstack_abstract(r: Any, length: int) -> tuple[list[Any], list[Any], Any] | None:
+    """A value among a `scan`'s `xs`, given as a `Val`, split by its `unstack` hook
+    on abstract leaves: the outer atoms the body's slices come from, the slices (as
+    `jax.ShapeDtypeStruct`s, in the order of the rebuilt value's leaves) and the
+    rebuilt value's spec. None unless the hook only regroups the leaves: `arrays`
+    are some of the value's own leaves, and the rebuilt value's leaves are some of
+    their slices (anything else needs the walk, where the hook runs on arrays)."""
+    full = [_abstract(a.aval) for a in r.atoms]
+    try:
+        x = jtu.tree_unflatten(r.treedef, full)
+        hook = type(x).unstack(x, length) if isinstance(x, ArrayValue) else None
+        if hook is None:
+            return None
+        arrays, rebuild = hook
+        position = {id(leaf): k for k, leaf in enumerate(full)}
+        array_leaves, array_def = jtu.tree_flatten(arrays)
+        which = [position.get(id(leaf)) for leaf in array_leaves]
+        if any(k is None or full[k].shape[:1] != (length,) for k in which):
+            return None
+        slices = [_abstract(r.atoms[k].aval, sliced=True) for k in which]  # type: ignore[index]
+        piece = rebuild(jtu.tree_unflatten(array_def, slices))
+        aval = aval_of(x)
+        got = aval_of(piece) if isinstance(piece, ArrayValue) else None
+        expected = jax.core.ShapedArray(tuple(aval.shape)[1:], aval.dtype)
+        if got is None or not _same_shape_dtype(got, expected):
+            return None
+        piece_leaves, piece_def = jtu.tree_flatten(piece)
+    except Exception:  # the hook needs real arrays: the walk runs it
+        return None
+    at = {id(s): which[k] for k, s in enumerate(slices)}
+    ks = [at.get(id(leaf)) for leaf in piece_leaves]
+    if any(k is None for k in ks):
+        return None
+    atoms = [r.atoms[k] for k in ks]  # type: ignore[index]
+    return atoms, [_sliced(a.aval) for a in atoms], (piece_def, len(piece_leaves))
+
+
+def _stack_abstract(
+    treedef: Any, avals: Sequence[Any], length: int, expected: Any
+) -> tuple[list[int], tuple[Any, list[int]]] | None:
+    """A value among a `scan`'s `ys` (its treedef and leaf avals in the body), stacked
+    by its `stack` hook on abstract leaves: which of its leaves the scan stacks, and
+    the stacked value's treedef with, per leaf, which stacked result it is. None
+    unless the hook only regroups leaves (as `_unstack_abstract`), or if the stacked
+    value's aval is not `expected`."""
+    step = [_abstract(a) for a in avals]
+    try:
+        y = jtu.tree_unflatten(treedef, step)
+        hook = type(y).stack(y, length) if isinstance(y, ArrayValue) else None
+        if hook is None:
+            return None
+        arrays, rebuild = hook
+        position = {id(leaf): k for k, leaf in enumerate(step)}
+        array_leaves, array_def = jtu.tree_flatten(arrays)
+        picks = [position.get(id(leaf)) for leaf in array_leaves]
+        if any(k is None for k in picks):
+            return None
+        stacked = [_abstract(_stacked(avals[k], length)) for k in picks]  # type: ignore[index]
+        whole = rebuild(jtu.tree_unflatten(array_def, stacked))
+        got = aval_of(whole) if isinstance(whole, ArrayValue) else None
+        if got is None or not _same_shape_dtype(got, expected):
+            return None
+        whole_leaves, whole_def = jtu.tree_flatten(whole)
+    except Exception:  # the hook needs real arrays: the walk runs it
+        return None
+    at = {id(s): k for k, s in enumerate(stacked)}
+    where = [at.get(id(leaf)) for leaf in whole_leaves]
+    if any(w is None for w in where):
+        return None
+    return picks, (whole_def, where)  # type: ignore[return-value]
+
+
+def _stacked(aval: Any, length: int) -> Any:
+    return aval.update(shape=(length, *aval.shape))
+
+
+def _abstract(aval: Any, sliced: bool = False) -> jax.ShapeDtypeStruct:
+    """`aval` as a `jax.ShapeDtypeStruct`, without its leading axis if `sliced`."""
+    shape = tuple(aval.shape)[1:] if sliced else tuple(aval.shape)
+    return jax.ShapeDtypeStruct(
+        shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)
+    )
+
+
+def _sliced(aval: Any) -> Any:
+    return aval.update(shape=tuple(aval.shape)[1:])
+
+
+EQN_REWRITERS[_compat.scan_p] = rewrite_scan
+EQN_REWRITERS[_compat.while_p] = rewrite_while
 
 
 def _scan_direct(
@@ -285,7 +602,7 @@ def _unstack(x: Any, length: int, eqn: Any, operands: Sequence[Any]) -> Any:
     """`(arrays, slicer)` for one operand of `xs`: a plain array (a value quax
     materialises) and None, or the pytree of arrays its `unstack` hook split it into
     and the function rebuilding the value at one index from their slices."""
-    hook = x.unstack(length) if isinstance(x, ArrayValue) else None
+    hook = type(x).unstack(x, length) if isinstance(x, ArrayValue) else None
     if hook is None:
         return dense(x, eqn, operands), None
     arrays, rebuild = hook
@@ -318,7 +635,7 @@ def _stack(y: Any, length: int, eqn: Any, ys: Sequence[Any]) -> Any:
     """`(arrays, stacker)` for one `y` of the body: a plain array (a value quax
     materialises) and None, or the arrays its `stack` hook returned and the function
     building the stacked value from them, stacked, and checking its aval."""
-    hook = y.stack(length) if isinstance(y, ArrayValue) else None
+    hook = type(y).stack(y, length) if isinstance(y, ArrayValue) else None
     if hook is None:
         return dense(y, eqn, ys), None
     arrays, rebuild = hook
