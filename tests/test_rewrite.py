@@ -222,6 +222,15 @@ def fragments(monkeypatch):
     return seen
 
 
+#: Whether this JAX's `scan` has the params `rewrite_scan` knows (0.10's; JAX 0.11's
+#: `ft_in`/`ft_out` FlatTrees are private): elsewhere every scan runs its handler.
+SCAN_REWRITES = set(
+    jax.make_jaxpr(lambda x: lax.scan(lambda c, _: (c, None), x, length=2))(1.0)
+    .jaxpr.eqns[0]
+    .params
+) == {"reverse", "length", "jaxpr", "num_consts", "num_carry", "unroll"}
+
+
 def _stacked_lora(getkey, layers=3, d=4):
     import equinox as eqx
 
@@ -253,7 +262,7 @@ def test_scan_over_stacked_lora_is_rewritten(getkey, fragments):
     closed = jax.make_jaxpr(quax.quaxify(_scan_layers, cache=False))(lora, x)
     # One fragment, for the LoRA product inside the body; none for the scan itself
     # (the old path traced a walk of the whole body there).
-    assert fragments == ["dot_general"]
+    assert fragments == (["dot_general"] if SCAN_REWRITES else ["scan"])
     (scan,) = [e for e in walked(closed).jaxpr.eqns if e.primitive.name == "scan"]
     body_prims = [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns]
     assert "tanh" in body_prims and "reduce_sum" in body_prims
@@ -279,8 +288,8 @@ def test_scan_keeps_zero_carries_and_ys_as_values(fragments):
 
     z, xs = Zero((3,), jnp.float32), jnp.arange(15.0).reshape(5, 3)
     closed = jax.make_jaxpr(quax.quaxify(fn, cache=False))(z, xs)
-    assert "scan" not in fragments
-    (scan,) = walked(closed).jaxpr.eqns
+    assert ("scan" not in fragments) is SCAN_REWRITES
+    (scan,) = [e for e in walked(closed).jaxpr.eqns if e.primitive.name == "scan"]
     # Only `x + 1.0` is left to compute: the zeros are symbolic through the loop.
     assert [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns] == ["add"]
     jexc.check_jaxpr(closed.jaxpr)
@@ -323,7 +332,7 @@ def test_scan_with_hooks_that_compute_runs_the_handler(fragments):
         fragments.clear()
         v = cls(jnp.arange(12.0).reshape(4, 3), (4,))
         out = jax.jit(quax.quaxify(fn, cache=False))(v, h)
-        assert ("scan" in fragments) is scan_fragment
+        assert ("scan" in fragments) is (scan_fragment or not SCAN_REWRITES)
         assert tree_allclose(out, fn(densify(v), h))
 
 
@@ -445,7 +454,7 @@ def test_constants_made_inside_bodies_become_operands(loop, fragments):
 
     v, x = Offset(jnp.ones(3)), jnp.array([1.0, -2.0, 0.5])
     closed = jax.make_jaxpr(quax.quaxify(fn, cache=False))(v, x)
-    assert loop not in fragments
+    assert (loop not in fragments) is (loop != "scan" or SCAN_REWRITES)
     jexc.check_jaxpr(closed.jaxpr)
     for sign in (1.0, -1.0):
         got = jax.jit(quax.quaxify(fn))(v, sign * x)
