@@ -268,7 +268,8 @@ def check(
     With `nonfinite_deviates` (a type whose implicit zeros are exact zeros, or that
     reassociates products: see `fuzz.exclusions.NONFINITE_DEVIATES`), different
     numbers are excused when an infinity or NaN reached the program before the
-    operation that differs: an input, or an earlier intermediate of the dense run.
+    operation that differs: an input, a literal of the program, or an earlier
+    intermediate of the dense run.
     A NaN or infinity the differing operation itself makes (a gather's fill value)
     is never excused."""
     try:
@@ -294,6 +295,8 @@ def _nonfinite_before(
         if not math.isfinite(s) or not all(_finite(e) for e in extras):
             return True
     skel, literals = skeleton(program.ops)
+    if any(isinstance(x, float | np.floating) and not np.isfinite(x) for x in literals):
+        return True  # a literal operand (`x * nan`): no operation made it
     for dense in denses:
         for s, extras in inputs:
             with jax.ensure_compile_time_eval():
