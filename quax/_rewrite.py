@@ -55,6 +55,23 @@ class Val:
         self.atoms = atoms
 
 
+def read_leaves(reads: Sequence[Any]) -> tuple[list[Any], tuple[Any, ...]]:
+    """Operands as the rewrite holds them (atoms, or `Val`s) flattened: the atoms,
+    and per operand None or `(treedef, number of atoms)`."""
+    atoms = [a for r in reads for a in (r.atoms if type(r) is Val else [r])]
+    spec = tuple((r.treedef, len(r.atoms)) if type(r) is Val else None for r in reads)
+    return atoms, spec
+
+
+def as_reads(spec: Sequence[Any], atoms: Any) -> list[Any]:
+    """The inverse of `read_leaves`: per entry of `spec`, the next atom of the
+    iterator `atoms`, or a `Val` of the next ones."""
+    return [
+        next(atoms) if s is None else Val(s[0], [next(atoms) for _ in range(s[1])])
+        for s in spec
+    ]
+
+
 #: An equation's rewrite without a fragment: given the equation and what each operand
 #: now is (an atom, or a `Val`: a value as its treedef and its leaves as atoms),
 #: the new equation, what each result is, and the constants (variable, value) the new
@@ -389,12 +406,11 @@ class _Rewrite:
             if any(type(v) is not jexc.Literal and v in sub for v in eqn.invars):
                 eqn = eqn.replace(invars=[_sub(sub, v) for v in eqn.invars])
             self.eqns.append(eqn)
-        results = iter([_sub(sub, v) for v in fjaxpr.outvars])
-        for var, s in outs:
-            if s is None:
-                self.env[var] = next(results)
-            else:
-                self.env[var] = Val(s[0], [next(results) for _ in range(s[1])])
+        results = as_reads(
+            [s for _, s in outs], iter(_sub(sub, v) for v in fjaxpr.outvars)
+        )
+        for (var, _), r in zip(outs, results, strict=True):
+            self.env[var] = r
         return stop[0]
 
 

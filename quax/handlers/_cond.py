@@ -23,7 +23,7 @@ import jax
 import jax.extend.core as jexc
 
 from .. import _compat
-from .._rewrite import EQN_REWRITERS, Val, rewrite
+from .._rewrite import EQN_REWRITERS, Val, as_reads, read_leaves, rewrite
 from .._strict import STATE
 from .._walker import register, walk_closed
 from ._common import abstract_call, dense, join_kinds, join_to, value_types
@@ -95,9 +95,8 @@ def rewrite_cond(
     index, *rest = reads
     if type(index) is Val:
         return None
-    atoms = [a for r in rest for a in (r.atoms if type(r) is Val else [r])]
+    atoms, spec = read_leaves(rest)
     avals = [a.aval for a in atoms]
-    spec = tuple((r.treedef, len(r.atoms)) if type(r) is Val else None for r in rest)
     n = len(rest)
     outs = []
     for k, branch in enumerate(params["branches"]):
@@ -137,12 +136,7 @@ def rewrite_cond(
         eqn.source_info,
         eqn.ctx,
     )
-    it = iter(outvars)
-    results = [
-        next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
-        for s in first_spec
-    ]
-    return new_eqn, results, consts
+    return new_eqn, as_reads(first_spec, iter(outvars)), consts
 
 
 #: The params of a `cond` equation that `rewrite_cond` knows.

@@ -16,7 +16,7 @@ import jax.extend.core as jexc
 import numpy as np
 
 from .. import _compat
-from .._rewrite import EQN_REWRITERS, Val, rewrite
+from .._rewrite import EQN_REWRITERS, Val, as_reads, rewrite
 from .._strict import STATE
 from .._walker import (
     TraceCache,
@@ -128,14 +128,7 @@ def rewrite_jit(
         eqn.source_info,
         eqn.ctx,
     )
-    outs: list[Any] = []
-    it = iter(outvars)
-    for s in out_spec:
-        if s is None:
-            outs.append(next(it))
-        else:
-            outs.append(Val(s[0], [next(it) for _ in range(s[1])]))
-    return new_eqn, outs, []
+    return new_eqn, as_reads(out_spec, iter(outvars)), []
 
 
 def _params(

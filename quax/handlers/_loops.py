@@ -40,7 +40,7 @@ from .._errors import (
     describe_aval,
     format_site,
 )
-from .._rewrite import EQN_REWRITERS, Val, rewrite
+from .._rewrite import EQN_REWRITERS, Val, as_reads, read_leaves, rewrite
 from .._strict import STATE
 from .._values import ArrayValue, aval_of
 from .._walker import bind, register, walk_closed
@@ -332,12 +332,8 @@ def rewrite_scan(
         eqn.source_info,
         eqn.ctx,
     )
-    outs: list[Any] = []
     it = iter(outvars)
-    for s in out_spec[:n_carry]:
-        outs.append(
-            next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
-        )
+    outs = as_reads(out_spec[:n_carry], it)
     for plan in y_plans:
         if plan is None:
             outs.append(next(it))
@@ -379,10 +375,9 @@ def rewrite_while(
     groups = [reads[:n_cc], reads[n_cc : n_cc + n_bc], reads[n_cc + n_bc :]]
     flat = []
     for group in groups:
-        atoms = [a for r in group for a in (r.atoms if type(r) is Val else [r])]
+        atoms, spec = read_leaves(group)
         if any(_placed(a.aval) for a in atoms):
             return None
-        spec = [(r.treedef, len(r.atoms)) if type(r) is Val else None for r in group]
         flat.append((atoms, [a.aval for a in atoms], spec))
     (
         (c_atoms, c_avals, c_spec),
@@ -448,13 +443,7 @@ def rewrite_while(
         eqn.source_info,
         eqn.ctx,
     )
-    outs: list[Any] = []
-    it = iter(outvars)
-    for s in k_spec:
-        outs.append(
-            next(it) if s is None else Val(s[0], [next(it) for _ in range(s[1])])
-        )
-    return new_eqn, outs, cond_consts + body_consts
+    return new_eqn, as_reads(k_spec, iter(outvars)), cond_consts + body_consts
 
 
 def _unstack_abstract(r: Any, length: int) -> tuple[list[Any], list[Any], Any] | None:
